@@ -1,0 +1,1 @@
+"""Prefect flows: thin wiring of slimloop library calls, one entry point per DVC stage."""

@@ -1,0 +1,43 @@
+"""Stage `baseline`: fit anchors, train the default spec, evaluate and profile it, export ONNX."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+
+from flows.common import base_parser, run_entry
+from slimloop.config import Params, load_params
+from slimloop.io import write_json_atomic
+
+OUT = Path("models/baseline")
+METRICS = Path("metrics/baseline.json")
+
+
+@flow(name="baseline", log_prints=True)
+def baseline_flow(params: Params, out_dir: Path = OUT, progress: bool = True) -> dict:
+    """Train the baseline detector and write its checkpoint, spec, ONNX file and metrics."""
+    from slimloop.baseline import initial_spec, train_and_measure
+
+    spec, anchor_info = initial_spec(params)
+    record = train_and_measure(spec, params, out_dir, progress=progress, stage="baseline")
+    record["anchors"] = anchor_info
+    write_json_atomic(METRICS, record)
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = base_parser(__doc__)
+    parser.add_argument("--out", type=Path, default=OUT, help=f"output folder (default: {OUT})")
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    rec = baseline_flow.fn(params, args.out, progress=not args.quiet)
+    print(
+        f"baseline: mAP@0.5 {rec['map50']:.3f}  mAP@0.5:0.95 {rec['map']:.3f}  "
+        f"{rec['gflops']:.2f} GFLOPs  {rec['params']:,} params  ORT {rec['latency_ms']:.2f} ms  -> {METRICS}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    run_entry(main)

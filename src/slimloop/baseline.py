@@ -1,0 +1,73 @@
+"""Build the starting spec (with fitted anchors) and train-evaluate-export one model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slimloop.config import Params
+from slimloop.errors import ConfigError
+
+
+def initial_spec(params: Params) -> tuple[Any, dict[str, float]]:
+    """The spec to train: a saved one (transfer) or YOLOv5 ``model.base``, anchors fitted to the data.
+
+    Returns:
+        ``(spec, {"bpr_before", "bpr_after", "refit"})``.
+    """
+    from slimloop.data.canonical import read_split
+    from slimloop.data.dataset import DetectionDataset, box_wh
+    from slimloop.model import check_anchors, load_spec, yolov5_spec
+
+    root = params.data.out_dir
+    names = tuple(read_split(root, "train").names)
+    if params.model.spec:
+        spec = load_spec(params.model.spec)
+        if spec.detect.nc != len(names):
+            raise ConfigError(
+                f"model.spec: {params.model.spec} detects {spec.detect.nc} classes, "
+                f"the dataset has {len(names)} ({', '.join(names)})"
+            )
+    else:
+        spec = yolov5_spec(
+            params.model.base, nc=len(names), names=names,
+            width_multiple=params.model.width_multiple, depth_multiple=params.model.depth_multiple,
+        )
+    info = {"refit": False}
+    if params.model.autoanchor:
+        wh = box_wh(DetectionDataset(root, "train", params.train.imgsz, None, cache_images=False))
+        spec, before, after = check_anchors(spec, wh, params.train.loss.anchor_t)
+        info = {"bpr_before": round(before, 4), "bpr_after": round(after, 4), "refit": after != before}
+    return spec, info
+
+
+def train_and_measure(
+    spec: Any, params: Params, out_dir: Path, progress: bool = True, stage: str = "baseline"
+) -> dict[str, Any]:
+    """Train ``spec`` from scratch, then evaluate, profile and export the best checkpoint.
+
+    Writes ``out_dir/{best,last,last.state}.safetensors``, ``spec.json`` and ``model.onnx``.
+    """
+    from slimloop.checkpoint import load_model
+    from slimloop.export import export_onnx
+    from slimloop.measure import measure_model
+    from slimloop.model import build_model, save_spec
+    from slimloop.train import seed_everything, train
+
+    out_dir = Path(out_dir)
+    seed_everything(params.train.seed)
+    model = build_model(spec)
+    result = train(model, params.data.out_dir, params.train, params.eval, out_dir,
+                   progress=progress, meta={"stage": stage})
+    best = load_model(result.best)
+    save_spec(best.spec, out_dir / "spec.json")
+    export_onnx(best, out_dir / "model.onnx", params.train.imgsz, dynamic_batch=True)
+    device = result.device if result.device != "mps" else "cpu"
+    record = measure_model(best.to(device), params.data.out_dir, "val", params.train.imgsz, params.eval,
+                           device=device, progress=progress)
+    record["device"] = device
+    record["torch_threads"] = torch.get_num_threads()
+    record["epochs"] = params.train.epochs
+    return record

@@ -1,0 +1,271 @@
+"""Typed, validated params: one pydantic model per params.yaml section."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from slimloop.errors import ConfigError
+
+STRIDE = 32  # largest YOLOv5 stride: input sizes must be multiples of it
+
+
+class StrictModel(BaseModel):
+    """Base for every params section: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_imgsz(value: int) -> int:
+    if value % STRIDE:
+        raise ValueError(f"must be a multiple of the model stride {STRIDE}, got {value}")
+    return value
+
+
+ImgSize = Annotated[int, Field(ge=STRIDE, le=4096), AfterValidator(_check_imgsz)]
+
+
+class SyntheticParams(StrictModel):
+    """The generated barcode dataset (the embedded default)."""
+
+    image_size: int = Field(256, ge=64, le=4096, description="side of the square images, px")
+    train: int = Field(800, ge=1)
+    val: int = Field(200, ge=1)
+    test: int = Field(200, ge=0)
+    max_codes: int = Field(3, ge=0, le=32, description="codes per image: uniform in 0..max_codes")
+    min_size: float = Field(0.06, gt=0, lt=1, description="smallest code, fraction of image side")
+    max_size: float = Field(0.45, gt=0, le=1, description="largest code, fraction of image side")
+    distractors: int = Field(3, ge=0, description="unlabelled distractors per image, at most")
+    backgrounds_dir: str | None = Field(None, description="folder of your own background images")
+
+    @model_validator(mode="after")
+    def _sizes(self) -> SyntheticParams:
+        if self.min_size > self.max_size:
+            raise ValueError(f"min_size ({self.min_size}) must not exceed max_size ({self.max_size})")
+        return self
+
+
+class YoloSource(StrictModel):
+    """An ultralytics-style dataset: a data.yaml with train/val (folders or list files) and names."""
+
+    data_yaml: str
+
+
+class CocoSource(StrictModel):
+    """A COCO JSON dataset: one annotation file and one image folder per split."""
+
+    train_json: str
+    train_images: str
+    val_json: str
+    val_images: str
+    test_json: str | None = None
+    test_images: str | None = None
+
+
+class DataParams(StrictModel):
+    """Where the dataset comes from and where the canonical form is written."""
+
+    source: Literal["synthetic", "yolo", "coco"] = "synthetic"
+    seed: int = 0
+    out_dir: str = "data/prepared"
+    skip_invalid: bool = False
+    synthetic: SyntheticParams = SyntheticParams()
+    yolo: YoloSource | None = None
+    coco: CocoSource | None = None
+
+    @model_validator(mode="after")
+    def _source_section(self) -> DataParams:
+        if self.source in ("yolo", "coco") and getattr(self, self.source) is None:
+            raise ValueError(f"source is {self.source!r} but the section data.{self.source} is missing")
+        return self
+
+
+class ModelParams(StrictModel):
+    """Which detector to start from."""
+
+    base: Literal["n", "s", "m"] = "n"
+    width_multiple: float | None = Field(None, gt=0, le=2, description="overrides the base's width")
+    depth_multiple: float | None = Field(None, gt=0, le=2, description="overrides the base's depth")
+    spec: str | None = Field(None, description="a saved ModelSpec (JSON/YAML) to train instead")
+    autoanchor: bool = True
+
+
+class AugmentParams(StrictModel):
+    """Box-aware training augmentation."""
+
+    hsv_h: float = Field(0.015, ge=0, le=0.5)
+    hsv_s: float = Field(0.7, ge=0, le=1)
+    hsv_v: float = Field(0.4, ge=0, le=1)
+    degrees: float = Field(0.0, ge=0, le=180)
+    translate: float = Field(0.1, ge=0, lt=1)
+    scale: float = Field(0.5, ge=0, lt=1)
+    fliplr: float = Field(0.5, ge=0, le=1)
+    flipud: float = Field(0.0, ge=0, le=1)
+    mosaic: float = Field(1.0, ge=0, le=1)
+
+
+class LossParams(StrictModel):
+    """YOLOv5 loss gains."""
+
+    box: float = Field(0.05, ge=0)
+    obj: float = Field(1.0, ge=0)
+    cls: float = Field(0.5, ge=0)
+    anchor_t: float = Field(4.0, gt=1)
+    balance: tuple[float, float, float] = (4.0, 1.0, 0.4)
+
+
+class TrainParams(StrictModel):
+    """One training run (baseline, retrain, control all use this shape)."""
+
+    imgsz: ImgSize = 256
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr0: float = Field(0.01, gt=0, le=1)
+    lrf: float = Field(0.01, gt=0, le=1, description="final lr as a fraction of lr0")
+    momentum: float = Field(0.937, ge=0, lt=1)
+    nesterov: bool = True
+    weight_decay: float = Field(5e-4, ge=0)
+    warmup_epochs: float = Field(1.0, ge=0)
+    schedule: Literal["cosine", "linear"] = "cosine"
+    ema: bool = True
+    ema_decay: float = Field(0.9999, gt=0, lt=1)
+    amp: bool = True
+    device: str = "auto"
+    workers: int = Field(2, ge=0)
+    seed: int = 0
+    val_every: int = Field(1, ge=1, description="validate every N epochs (and always on the last)")
+    augment: AugmentParams = AugmentParams()
+    loss: LossParams = LossParams()
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        ok = value in ("auto", "cpu", "mps", "cuda") or (
+            value.startswith("cuda:") and value[5:].isdigit()
+        )
+        if not ok:
+            raise ValueError(f"must be one of auto, cpu, mps, cuda, cuda:N; got {value!r}")
+        return value
+
+
+class EvalParams(StrictModel):
+    """Evaluation: mAP sweep settings, the report's operating point, latency measurement."""
+
+    conf_thres: float = Field(0.001, ge=0, lt=1, description="confidence floor for mAP")
+    nms_iou: float = Field(0.6, gt=0, le=1)
+    max_det: int = Field(300, ge=1)
+    op_conf: float = Field(0.25, ge=0, lt=1, description="operating-point confidence")
+    op_iou: float = Field(0.5, gt=0, le=1, description="operating-point match IoU")
+    latency_runs: int = Field(50, ge=1)
+    latency_warmup: int = Field(10, ge=0)
+    threads: int | None = Field(None, ge=1, description="CPU threads for latency; None = all")
+    imgsz_sweep: list[ImgSize] = Field(default_factory=lambda: [256, 224, 192, 160, 128], min_length=1)
+
+
+SECTIONS: dict[str, type[StrictModel]] = {
+    "data": DataParams,
+    "model": ModelParams,
+    "train": TrainParams,
+    "eval": EvalParams,
+}
+
+
+class Params(StrictModel):
+    """All of params.yaml."""
+
+    data: DataParams = DataParams()
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
+    eval: EvalParams = EvalParams()
+
+
+def _key_line(text: str, loc: tuple[Any, ...]) -> int | None:
+    """Line (1-based) of the YAML node at ``loc`` in ``text``, or of its deepest existing parent."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = [(k, v) for k, v in node.value if k.value == str(key)]
+            if not match:
+                break
+            line = match[0][0].start_mark.line + 1
+            node = match[0][1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _describe(err: dict[str, Any], model: type[BaseModel]) -> str:
+    """One human line for a pydantic error, with allowed keys for unknown ones."""
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        owner: Any = model
+        for key in err["loc"][:-1]:
+            field = owner.model_fields.get(str(key)) if isinstance(owner, type) else None
+            owner = field.annotation if field is not None else None
+        if isinstance(owner, type) and issubclass(owner, BaseModel):
+            msg = f"unknown key; allowed keys: {', '.join(owner.model_fields)}"
+        else:
+            msg = "unknown key"
+    elif "input" in err and err["type"] not in ("missing", "value_error"):
+        msg = f"{msg} (got {err['input']!r})"
+    return msg
+
+
+def format_validation_error(
+    exc: ValidationError, source: str, text: str | None, model: type[BaseModel], prefix: tuple = ()
+) -> str:
+    """Render a pydantic error as ``file:line: key.path: message`` lines."""
+    lines = []
+    for err in exc.errors():
+        loc = prefix + tuple(err["loc"])
+        line = _key_line(text, loc) if text else None
+        where = f"{source}:{line}" if line else source
+        key = ".".join(str(k) for k in loc) or "<root>"
+        lines.append(f"{where}: {key}: {_describe(err, model)}")
+    return "invalid params:\n  " + "\n  ".join(lines)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file.
+
+    Raises:
+        ConfigError: the file is missing, not YAML, or a key is unknown or out of range.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read params file {path}: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, str(path), text, Params)) from None
+
+
+def params_to_dict(params: BaseModel) -> dict[str, Any]:
+    """JSON-ready dict of a params model (for provenance in checkpoints and metrics)."""
+    return params.model_dump(mode="json")

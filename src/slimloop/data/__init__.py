@@ -1,0 +1,1 @@
+"""Datasets: synthetic barcodes, YOLO/COCO import with validation, the canonical COCO form."""

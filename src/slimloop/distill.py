@@ -1,0 +1,105 @@
+"""Knowledge distillation from an unpruned teacher: detection outputs (KL / L2) and neck features."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistillWeights:
+    """Weights of each distillation term (0 turns a term off)."""
+
+    obj: float = 1.0
+    cls: float = 1.0
+    kl: float = 1.0
+    box: float = 1.0
+    feature: float = 1.0
+    temperature: float = 2.0
+    box_conf: float = 0.5  # teacher objectness above which box outputs are matched (L2)
+
+
+def binary_kl(student_logits: torch.Tensor, teacher_prob: torch.Tensor) -> torch.Tensor:
+    """Element-wise KL(teacher || student) of Bernoulli outputs: BCE minus the teacher's entropy.
+
+    Zero exactly when the student's probabilities equal the teacher's.
+    """
+    bce = F.binary_cross_entropy_with_logits(student_logits, teacher_prob, reduction="none")
+    t = teacher_prob.clamp(1e-7, 1 - 1e-7)
+    entropy = -(t * t.log() + (1 - t) * (1 - t).log())
+    return (bce - entropy).clamp_min(0)
+
+
+def output_distill_loss(
+    student_raw: list[torch.Tensor], teacher_raw: list[torch.Tensor], w: DistillWeights
+) -> dict[str, torch.Tensor]:
+    """Distillation terms on the raw Detect maps of two models with the same head layout.
+
+    Args:
+        student_raw: per level ``(B, na, H, W, 5 + nc)`` logits of the student.
+        teacher_raw: the same for the teacher (no grad needed).
+        w: term weights.
+
+    Returns:
+        ``{"kd_obj", "kd_cls", "kd_kl", "kd_box"}``, each a scalar already weighted.
+    """
+    dev = student_raw[0].device
+    terms = {k: torch.zeros((), device=dev) for k in ("kd_obj", "kd_cls", "kd_kl", "kd_box")}
+    for s, t in zip(student_raw, teacher_raw, strict=True):
+        s, t = s.float(), t.detach().float()
+        t_obj = t[..., 4].sigmoid()  # (B, na, H, W)
+        terms["kd_obj"] = terms["kd_obj"] + binary_kl(s[..., 4], t_obj).mean()
+        nc = s.shape[-1] - 5
+        weight = t_obj.unsqueeze(-1)  # weight class terms by how sure the teacher is of an object
+        norm = t_obj.sum().clamp_min(1.0)
+        cls_kl = binary_kl(s[..., 5:], t[..., 5:].sigmoid()) * weight
+        terms["kd_cls"] = terms["kd_cls"] + cls_kl.sum() / (norm * nc)
+        if nc > 1:
+            temp = w.temperature
+            log_p = F.log_softmax(s[..., 5:] / temp, dim=-1)
+            q = F.softmax(t[..., 5:] / temp, dim=-1)
+            kl = (q * (q.clamp_min(1e-9).log() - log_p)).sum(-1) * t_obj * temp**2
+            terms["kd_kl"] = terms["kd_kl"] + kl.sum() / norm
+        confident = t_obj > w.box_conf
+        if confident.any():
+            diff = s[..., :4].sigmoid()[confident] - t[..., :4].sigmoid()[confident]  # (K, 4)
+            terms["kd_box"] = terms["kd_box"] + diff.pow(2).sum(-1).mean()
+    return {
+        "kd_obj": terms["kd_obj"] * w.obj,
+        "kd_cls": terms["kd_cls"] * w.cls,
+        "kd_kl": terms["kd_kl"] * w.kl,
+        "kd_box": terms["kd_box"] * w.box,
+    }
+
+
+class FeatureAdapters(nn.Module):
+    """1x1 convs mapping student neck widths to teacher widths (widths differ after pruning).
+
+    Initialized to the identity on the shared channels, so an unpruned student starts at zero loss.
+    """
+
+    def __init__(self, student_chs: list[int], teacher_chs: list[int]):
+        super().__init__()
+        self.adapters = nn.ModuleList()
+        for s_ch, t_ch in zip(student_chs, teacher_chs, strict=True):
+            conv = nn.Conv2d(s_ch, t_ch, 1, bias=False)
+            with torch.no_grad():
+                conv.weight.zero_()
+                n = min(s_ch, t_ch)
+                conv.weight[:n, :n, 0, 0] = torch.eye(n)
+            self.adapters.append(conv)
+
+    def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [a(f) for a, f in zip(self.adapters, feats, strict=True)]
+
+
+def feature_distill_loss(
+    student_feats: list[torch.Tensor], teacher_feats: list[torch.Tensor], adapters: FeatureAdapters
+) -> torch.Tensor:
+    """Mean L2 between adapted student features and teacher features over P3..P5."""
+    adapted = adapters(student_feats)
+    losses = [F.mse_loss(a.float(), t.detach().float()) for a, t in zip(adapted, teacher_feats, strict=True)]
+    return torch.stack(losses).mean()

@@ -1,0 +1,45 @@
+"""One record per evaluated model: accuracy at the report's operating point plus cost."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from slimloop.config import EvalParams
+
+KEYS = (
+    "map50", "map", "precision", "recall", "missed",
+    "params", "size_mb", "gflops", "imgsz", "latency_ms", "latency_torch_ms", "threads",
+)
+
+
+def measure_model(
+    model: nn.Module,
+    data_root: str | Path,
+    split: str,
+    imgsz: int,
+    params: EvalParams,
+    device: str = "cpu",
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Evaluate ``model`` on ``split`` and profile it at ``imgsz``.
+
+    Returns:
+        The DESIGN.md metric keys (``map50``, ``map``, ``precision``, ``recall``, ``missed``,
+        ``params``, ``size_mb``, ``gflops``, ``imgsz``, ``latency_ms``, ``latency_torch_ms``,
+        ``threads``), then ``latency_cuda_ms`` when measured, ``per_class`` and ``split``.
+    """
+    from slimloop.evaluate import evaluate
+    from slimloop.profile import profile
+
+    acc = evaluate(model, data_root, split, imgsz, params, device=device, progress=progress)
+    cost = profile(model, imgsz, params, device=device)
+    merged = {**acc, **cost, "imgsz": imgsz}
+    record = {k: merged[k] for k in KEYS}
+    if "latency_cuda_ms" in merged:
+        record["latency_cuda_ms"] = merged["latency_cuda_ms"]
+    record["split"] = split
+    record["per_class"] = acc.get("per_class", {})
+    return record

@@ -1,0 +1,300 @@
+"""One training loop for every stage: hooks for sparsity and distillation, EMA, AMP, resume."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from slimloop.checkpoint import load_state, load_state_strict, save_checkpoint, save_state
+from slimloop.config import EvalParams, TrainParams, params_to_dict
+from slimloop.errors import TrainingError
+from slimloop.optim import ModelEMA, build_optimizer, set_lr
+
+AfterBackward = Callable[[nn.Module, float], dict[str, float] | None]
+ExtraLoss = Callable[[torch.Tensor, list[torch.Tensor], list[torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
+EpochCallback = Callable[[int, nn.Module, dict[str, float]], None]
+
+
+@dataclass
+class TrainHooks:
+    """Extension points used by the compression loop.
+
+    Attributes:
+        after_backward: ``f(model, progress)`` after backward (grads unscaled under AMP), before
+            the optimizer step; sparse training adds its penalty gradient here. May return floats
+            to log.
+        extra_loss: ``f(imgs, feats, raw) -> (loss, items)`` added to the detection loss
+            (distillation); ``feats`` are the student's neck features P3..P5, ``raw`` its raw maps.
+            The returned loss is already scaled like the detection loss.
+        extra_modules: modules trained together with the model (distillation adapters).
+        on_epoch_end: ``f(epoch, ema_model, metrics)`` after each epoch's validation.
+    """
+
+    after_backward: AfterBackward | None = None
+    extra_loss: ExtraLoss | None = None
+    extra_modules: list[nn.Module] = field(default_factory=list)
+    on_epoch_end: list[EpochCallback] = field(default_factory=list)
+
+
+@dataclass
+class TrainResult:
+    """What a run produced."""
+
+    best: Path
+    last: Path
+    best_metrics: dict[str, Any]
+    history: list[dict[str, float]]
+    device: str
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu; an explicit name is checked to exist."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainingError(f"train.device is {name!r} but no CUDA device is available")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (model init happens after this, in the caller)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def params_fingerprint(params: TrainParams, extra: dict[str, Any] | None = None) -> str:
+    """Short hash of the params a run depends on (a resume must match it)."""
+    blob = json.dumps({"train": params_to_dict(params), "extra": extra or {}}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class _Run:
+    """State of one training run; methods are the steps of :func:`train`."""
+
+    def __init__(self, model, data_root, params, eval_params, out_dir, hooks, progress):
+        from slimloop.data.dataset import DetectionDataset, make_loader
+
+        self.params, self.eval_params, self.hooks = params, eval_params, hooks
+        self.data_root, self.out_dir, self.progress = Path(data_root), Path(out_dir), progress
+        self.device = select_device(params.device)
+        self.model = model.to(self.device)
+        self.train_set = DetectionDataset(data_root, "train", params.imgsz, params.augment, seed=params.seed)
+        if len(self.train_set) == 0:
+            raise TrainingError(f"{data_root}: the train split has no images")
+        self.make_loader = make_loader
+        self.steps_per_epoch = math.ceil(len(self.train_set) / params.batch_size)
+        total = self.steps_per_epoch * params.epochs
+        for m in hooks.extra_modules:
+            m.to(self.device)
+        self.optimizer = build_optimizer(self.model, params, hooks.extra_modules)
+        self.ema = ModelEMA(self.model, params.ema_decay, tau=max(total / 5, 1.0)) if params.ema else None
+        self.use_amp = params.amp and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        from slimloop.model.loss import ComputeLoss
+
+        self.compute_loss = ComputeLoss(self.model, params.loss, params.imgsz)
+        self.start_epoch, self.best_fitness, self.history = 0, -1.0, []
+        self.best_metrics: dict[str, Any] = {}
+
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.ema.ema if self.ema else self.model
+
+    def state(self, epoch: int, fingerprint: str) -> dict[str, Any]:
+        return {
+            "epoch": epoch,
+            "fingerprint": fingerprint,
+            "model": self.model.state_dict(),
+            "ema": self.ema.ema.state_dict() if self.ema else None,
+            "ema_updates": self.ema.updates if self.ema else 0,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.use_amp else None,
+            "extra": [m.state_dict() for m in self.hooks.extra_modules],
+            "best_fitness": self.best_fitness,
+            "best_metrics": json.dumps(self.best_metrics),
+            "history": json.dumps(self.history),
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def restore(self, state: dict[str, Any], source: str) -> None:
+        load_state_strict(self.model, state["model"], source)
+        if self.ema and state["ema"] is not None:
+            load_state_strict(self.ema.ema, state["ema"], source)
+            self.ema.updates = int(state["ema_updates"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.use_amp and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        for m, sd in zip(self.hooks.extra_modules, state["extra"], strict=True):
+            m.load_state_dict(sd)
+        self.best_fitness = float(state["best_fitness"])
+        self.best_metrics = json.loads(state["best_metrics"])
+        self.history = json.loads(state["history"])
+        torch.set_rng_state(state["torch_rng"])
+        self.start_epoch = int(state["epoch"]) + 1
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        p = self.params
+        self.model.train()
+        for m in self.hooks.extra_modules:
+            m.train()
+        loader = self.make_loader(self.train_set, p.batch_size, shuffle=True, workers=p.workers, seed=p.seed, epoch=epoch)
+        sums: dict[str, float] = {}
+        bar = tqdm(loader, total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{p.epochs}",
+                   disable=not self.progress, leave=False, dynamic_ncols=True)
+        for i, (imgs, targets, _) in enumerate(bar):
+            step = epoch * self.steps_per_epoch + i
+            lr = set_lr(self.optimizer, step, self.steps_per_epoch, p)
+            items = self.train_step(imgs, targets, epoch, i, progress=step / (self.steps_per_epoch * p.epochs))
+            for k, v in items.items():
+                sums[k] = sums.get(k, 0.0) + v
+            bar.set_postfix({k: f"{v / (i + 1):.4f}" for k, v in sums.items() if k in ("box", "obj", "cls")})
+        n = max(len(loader), 1)
+        return {**{f"train/{k}": v / n for k, v in sums.items()}, "lr": lr}
+
+    def train_step(self, imgs, targets, epoch, i, progress) -> dict[str, float]:
+        imgs = imgs.to(self.device, non_blocking=True).float() / 255  # (B, 3, H, W)
+        targets = targets.to(self.device)
+        with torch.autocast(self.device.type, enabled=self.use_amp):
+            feats, raw = self.model.forward_features(imgs)
+            loss, items = self.compute_loss(raw, targets)
+            if self.hooks.extra_loss is not None:
+                extra, extra_items = self.hooks.extra_loss(imgs, feats, raw)
+                loss = loss + extra
+                items = {**items, **extra_items}
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"non-finite loss ({loss.item()}) at epoch {epoch + 1}, step {i + 1}; "
+                f"the last good checkpoint is kept in {self.out_dir}"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)  # so gradient edits below see true magnitudes
+        if self.hooks.after_backward is not None:
+            items = {**items, **(self.hooks.after_backward(self.model, progress) or {})}
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=10.0)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.ema:
+            self.ema.update(self.model)
+        return {**items, "loss": float(loss.detach())}
+
+    def validate(self) -> dict[str, Any]:
+        from slimloop.evaluate import evaluate
+
+        return evaluate(self.eval_model, self.data_root, "val", self.params.imgsz, self.eval_params,
+                        device=str(self.device), progress=False)
+
+
+def _live(out_dir: Path, resume: bool):
+    from dvclive import Live
+
+    return Live(str(out_dir / "live"), dvcyaml=None, save_dvc_exp=False, resume=resume, report=None)
+
+
+def train(
+    model: nn.Module,
+    data_root: str | Path,
+    params: TrainParams,
+    eval_params: EvalParams,
+    out_dir: str | Path,
+    hooks: TrainHooks | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    meta: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Train ``model`` on ``<data_root>/train``, validating on ``val`` each epoch.
+
+    Writes ``last.safetensors`` (EMA weights) and ``last.state.safetensors`` (everything needed to
+    resume) after every epoch and ``best.safetensors`` when val mAP@0.5:0.95 improves, all
+    atomically. With ``resume`` and a matching state file, continues after its epoch.
+
+    Args:
+        model: a built Detector, initialized (seed first with :func:`seed_everything`).
+        data_root: canonical dataset folder.
+        params: training settings.
+        eval_params: validation settings.
+        out_dir: folder for checkpoints and the dvclive log (``out_dir/live``).
+        hooks: sparsity / distillation / callback hooks.
+        resume: continue from ``last.state.safetensors`` when it exists and was written with the
+            same params and meta; otherwise (or when False) start over.
+        progress: show a progress bar per epoch.
+        meta: provenance merged into every checkpoint's metadata.
+
+    Raises:
+        TrainingError: non-finite loss (names epoch and step), or no training data.
+        CheckpointError: an unreadable resume state (a truncated file is never written: writes
+            are atomic).
+    """
+    hooks = hooks or TrainHooks()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run = _Run(model, data_root, params, eval_params, out_dir, hooks, progress)
+    fingerprint = params_fingerprint(params, {"meta": meta or {}})
+    state_path, last, best = out_dir / "last.state.safetensors", out_dir / "last.safetensors", out_dir / "best.safetensors"
+    state = load_state(state_path) if resume and state_path.exists() else None
+    resumed = state is not None and state.get("fingerprint") == fingerprint
+    if resumed:
+        run.restore(state, str(state_path))
+    else:  # a fresh run: never mix in checkpoints of a run with other params
+        for stale in (state_path, last, best):
+            stale.unlink(missing_ok=True)
+    base_meta = {**(meta or {}), "train": params_to_dict(params)}
+    deterministic = run.device.type == "cpu"
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    if run.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    live = _live(out_dir, resumed and run.start_epoch > 0)
+    try:
+        for epoch in range(run.start_epoch, params.epochs):
+            row = _run_epoch(run, epoch, live)
+            ck_meta = {**base_meta, "epoch": epoch + 1, "metrics": row}
+            if row.get("val/map", -1.0) > run.best_fitness:
+                run.best_fitness = row["val/map"]
+                run.best_metrics = row
+                save_checkpoint(best, run.eval_model, {**ck_meta, "best": True})
+            save_checkpoint(last, run.eval_model, ck_meta)
+            save_state(state_path, run.state(epoch, fingerprint))
+            for cb in hooks.on_epoch_end:
+                cb(epoch, run.eval_model, row)
+    finally:
+        torch.use_deterministic_algorithms(prev_det)
+        with contextlib.suppress(Exception):
+            live.end()
+    if not best.exists():  # no validation ever improved on -1 (cannot happen) or 0 epochs
+        save_checkpoint(best, run.eval_model, {**base_meta, "best": True})
+    return TrainResult(best, last, run.best_metrics, run.history, str(run.device))
+
+
+def _run_epoch(run: _Run, epoch: int, live) -> dict[str, float]:
+    """Train one epoch, validate when due, log, and return the epoch's row."""
+    row: dict[str, float] = {"epoch": epoch + 1, **run.train_epoch(epoch)}
+    last_epoch = epoch == run.params.epochs - 1
+    if (epoch + 1) % run.params.val_every == 0 or last_epoch:
+        metrics = run.validate()
+        row.update({"val/map50": metrics["map50"], "val/map": metrics["map"],
+                    "val/precision": metrics["precision"], "val/recall": metrics["recall"]})
+    run.history.append(row)
+    live.step = epoch
+    for k, v in row.items():
+        if k != "epoch":
+            live.log_metric(k, v)
+    live.next_step()
+    return row

@@ -1,0 +1,85 @@
+"""params.yaml validation: bad values stop with the key, its line and the allowed values."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from slimloop.config import Params, load_params
+from slimloop.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, raw: dict) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def test_repo_params_are_valid():
+    params = load_params(ROOT / "params.yaml")
+    assert isinstance(params, Params)
+    assert params.train.imgsz % 32 == 0
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value", "expected"),
+    [
+        ("train", "lr0", -1, "train.lr0: Input should be greater than 0"),
+        ("train", "schedule", "cos", "'cosine' or 'linear'"),
+        ("train", "imgsz", 250, "multiple of the model stride 32"),
+        ("train", "device", "tpu", "auto, cpu, mps, cuda, cuda:N"),
+        ("data", "source", "kaggle", "'synthetic', 'yolo' or 'coco'"),
+        ("eval", "imgsz_sweep", [256, 100], "eval.imgsz_sweep.1"),
+        ("model", "base", "x", "'n', 's' or 'm'"),
+    ],
+)
+def test_bad_value_names_key(tmp_path, section, key, value, expected):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw[section][key] = value
+    with pytest.raises(ConfigError) as err:
+        load_params(write(tmp_path, raw))
+    assert expected in str(err.value)
+
+
+def test_unknown_key_lists_allowed_and_line(tmp_path):
+    text = "train:\n  epochs: 3\n  lr: 0.1\n"
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_params(path)
+    msg = str(err.value)
+    assert f"{path}:3: train.lr: unknown key" in msg
+    assert "lr0" in msg and "epochs" in msg
+
+
+def test_unknown_section(tmp_path):
+    path = write(tmp_path, {"trian": {"epochs": 3}})
+    with pytest.raises(ConfigError, match="trian: unknown key; allowed keys: data, model"):
+        load_params(path)
+
+
+def test_source_needs_its_section(tmp_path):
+    path = write(tmp_path, {"data": {"source": "yolo"}})
+    with pytest.raises(ConfigError, match="data.yolo is missing"):
+        load_params(path)
+
+
+def test_missing_and_non_mapping_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read params file"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_params(bad)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(broken)
+
+
+def test_empty_file_gives_defaults(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("")
+    assert load_params(path) == Params()
