@@ -12,6 +12,7 @@ from pycocotools.coco import COCO
 from slimloop.config import DataParams
 from slimloop.data.canonical import Sample, Split, read_split, write_annotations
 from slimloop.data.prepare import prepare_dataset
+from slimloop.data.validate import _pil_error
 from slimloop.data.yolo import export_yolo, import_yolo, label_path_for
 from slimloop.errors import DataError, Problem
 
@@ -123,6 +124,14 @@ def test_corrupt_images_are_found(tmp_path):
     assert found["b.png"].startswith("corrupt")
     assert found["c.jpg"] == "empty file"
     assert found["d.png"] == "corrupt or unsupported image (OpenCV cannot decode it)"
+
+
+def test_truncated_jpeg_is_caught_even_where_opencv_would_decode_it():
+    # OpenCV < 5 decodes a truncated JPEG with a warning; the PIL check must refuse it on its own.
+    noise = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    data = cv2.imencode(".jpg", noise)[1].tobytes()
+    assert _pil_error(data, ".jpg") is None
+    assert _pil_error(data[: len(data) * 3 // 4], ".jpg").startswith("corrupt image: image file is truncated")
 
 
 def test_list_file_missing_and_duplicate_images(tmp_path):
@@ -280,8 +289,6 @@ def test_canonical_yolo_canonical_is_identical(tmp_path):
         assert (tmp_path / "one" / f"{split}.json").read_bytes() == (tmp_path / "two" / f"{split}.json").read_bytes()
 
 
-@pytest.mark.xfail(strict=True, reason="canonical.to_coco rounds px to 3 decimals: 6-decimal YOLO values "
-                   "are not recoverable from it (exact once it keeps 6 decimals)")
 def test_yolo_canonical_yolo_is_exact(tmp_path):
     labels = "0 0.123457 0.5 0.2 0.3\n1 0.5 0.654321 0.333333 0.1\n"
     data_yaml = make_dataset(tmp_path / "src", {"a.jpg": labels})

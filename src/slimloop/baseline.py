@@ -48,18 +48,21 @@ def train_and_measure(
 ) -> dict[str, Any]:
     """Train ``spec`` from scratch, then evaluate, profile and export the best checkpoint.
 
-    Writes ``out_dir/{best,last,last.state}.safetensors``, ``spec.json`` and ``model.onnx``.
+    Writes ``out_dir/{best,last,last.state,rewind}.safetensors``, ``spec.json`` and ``model.onnx``.
     """
     from slimloop.checkpoint import load_model
     from slimloop.export import export_onnx
+    from slimloop.loop import rewind_saver
     from slimloop.measure import measure_model
     from slimloop.model import build_model, save_spec
-    from slimloop.train import seed_everything, train
+    from slimloop.train import TrainHooks, seed_everything, train
 
     out_dir = Path(out_dir)
     seed_everything(params.train.seed)
     model = build_model(spec)
-    result = train(model, params.data.out_dir, params.train, params.eval, out_dir,
+    # an early checkpoint for retrain.mode=rewind (lottery-ticket late rewinding)
+    hooks = TrainHooks(on_epoch_end=[rewind_saver(out_dir, params.retrain.rewind_epoch)])
+    result = train(model, params.data.out_dir, params.train, params.eval, out_dir, hooks=hooks,
                    progress=progress, meta={"stage": stage})
     best = load_model(result.best)
     save_spec(best.spec, out_dir / "spec.json")

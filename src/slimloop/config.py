@@ -138,6 +138,7 @@ class TrainParams(StrictModel):
     weight_decay: float = Field(5e-4, ge=0)
     warmup_epochs: float = Field(1.0, ge=0)
     schedule: Literal["cosine", "linear"] = "cosine"
+    bn_momentum: float = Field(0.1, gt=0, le=1, description="BatchNorm running-stat momentum")
     ema: bool = True
     ema_decay: float = Field(0.9999, gt=0, lt=1)
     amp: bool = True
@@ -173,11 +174,92 @@ class EvalParams(StrictModel):
     imgsz_sweep: list[ImgSize] = Field(default_factory=lambda: [256, 224, 192, 160, 128], min_length=1)
 
 
+class SparseParams(StrictModel):
+    """Sparse training (network slimming): L1 on every prunable BN gamma."""
+
+    epochs: int = Field(3, ge=1)
+    lam: float = Field(1e-4, ge=0, description="L1 strength: lam * sign(gamma) added to the grad")
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    final_fraction: float = Field(0.1, ge=0, le=1, description="lam at the end, fraction of lam")
+
+
+class PruneParams(StrictModel):
+    """Channel selection by one global |gamma| criterion: a ratio or an absolute threshold."""
+
+    ratio: float | None = Field(
+        0.3, ge=0, lt=1,
+        description="fraction of channels pruned by one prune step; the loop uses compress.step_ratio",
+    )
+    threshold: float | None = Field(None, ge=0, description="or prune every channel with |gamma| below")
+    min_channels: int = Field(8, ge=1, description="every channel group keeps at least this many")
+
+    @model_validator(mode="after")
+    def _one_criterion(self) -> PruneParams:
+        if (self.ratio is None) == (self.threshold is None):
+            raise ValueError("give exactly one of ratio and threshold (set the other to null)")
+        return self
+
+
+class PadParams(StrictModel):
+    """Round kept widths up to a multiple (1 = off)."""
+
+    multiple: Literal[1, 8, 16, 32] = 8
+
+
+class RetrainParams(StrictModel):
+    """Training after pruning: inherit the weights, start from scratch, or rewind."""
+
+    mode: Literal["finetune", "scratch", "rewind"] = "finetune"
+    epochs: int = Field(5, ge=1)
+    lr0: float | None = Field(None, gt=0, le=1, description="finetune lr; null = train.lr0")
+    scratch_budget: bool = Field(False, description="scratch-B: epochs x FLOPs_base / FLOPs_pruned")
+    budget_cap: float = Field(3.0, ge=1, description="scratch-B epochs at most this times epochs")
+    rewind_epoch: int = Field(1, ge=1, description="baseline epoch whose weights rewind restores")
+
+
+class DistillParams(StrictModel):
+    """Knowledge distillation from a teacher: detection outputs and neck features."""
+
+    mode: Literal["off", "separate", "joint"] = "separate"
+    teacher: Literal["baseline", "previous"] = "baseline"
+    epochs: int = Field(3, ge=1, description="epochs of the separate distillation step")
+    obj: float = Field(1.0, ge=0)
+    cls: float = Field(1.0, ge=0)
+    kl: float = Field(1.0, ge=0)
+    box: float = Field(1.0, ge=0)
+    feature: float = Field(1.0, ge=0)
+    temperature: float = Field(2.0, gt=0)
+
+
+class CompressParams(StrictModel):
+    """The iterative loop (plan D)."""
+
+    iterations: int = Field(3, ge=1)
+    step_ratio: float = Field(0.3, gt=0, lt=1, description="fraction of remaining channels pruned per iteration")
+    tolerance: float = Field(0.01, ge=0, description="largest allowed mAP@0.5:0.95 drop vs baseline (absolute)")
+    imgsz: ImgSize | None = Field(None, description="evaluation size; null = train.imgsz")
+
+
+class TargetParams(StrictModel):
+    """When to stop compressing: every target given must be met (null = no target)."""
+
+    gflops_ratio: float | None = Field(None, gt=0, le=1, description="GFLOPs / baseline GFLOPs")
+    params_ratio: float | None = Field(None, gt=0, le=1, description="params / baseline params")
+    latency_ms: float | None = Field(None, gt=0, description="ONNX Runtime CPU latency, ms")
+
+
 SECTIONS: dict[str, type[StrictModel]] = {
     "data": DataParams,
     "model": ModelParams,
     "train": TrainParams,
     "eval": EvalParams,
+    "sparse": SparseParams,
+    "prune": PruneParams,
+    "pad": PadParams,
+    "retrain": RetrainParams,
+    "distill": DistillParams,
+    "compress": CompressParams,
+    "target": TargetParams,
 }
 
 
@@ -188,6 +270,13 @@ class Params(StrictModel):
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
     eval: EvalParams = EvalParams()
+    sparse: SparseParams = SparseParams()
+    prune: PruneParams = PruneParams()
+    pad: PadParams = PadParams()
+    retrain: RetrainParams = RetrainParams()
+    distill: DistillParams = DistillParams()
+    compress: CompressParams = CompressParams()
+    target: TargetParams = TargetParams()
 
 
 def _key_line(text: str, loc: tuple[Any, ...]) -> int | None:

@@ -78,18 +78,32 @@ def output_distill_loss(
 class FeatureAdapters(nn.Module):
     """1x1 convs mapping student neck widths to teacher widths (widths differ after pruning).
 
-    Initialized to the identity on the shared channels, so an unpruned student starts at zero loss.
+    Initialized so that student channel ``j`` copies into teacher channel ``channel_maps[i][j]``
+    (a pruned student's surviving channels land where they came from, so a student pruned from
+    the teacher starts at zero feature loss when the pruned channels were zero). Without maps,
+    the identity on the first ``min(student, teacher)`` channels.
     """
 
-    def __init__(self, student_chs: list[int], teacher_chs: list[int]):
+    def __init__(
+        self,
+        student_chs: list[int],
+        teacher_chs: list[int],
+        channel_maps: list[torch.Tensor] | None = None,
+    ):
         super().__init__()
         self.adapters = nn.ModuleList()
-        for s_ch, t_ch in zip(student_chs, teacher_chs, strict=True):
+        for i, (s_ch, t_ch) in enumerate(zip(student_chs, teacher_chs, strict=True)):
             conv = nn.Conv2d(s_ch, t_ch, 1, bias=False)
             with torch.no_grad():
-                conv.weight.zero_()
-                n = min(s_ch, t_ch)
-                conv.weight[:n, :n, 0, 0] = torch.eye(n)
+                conv.weight.zero_()  # (t_ch, s_ch, 1, 1)
+                if channel_maps is None:
+                    n = min(s_ch, t_ch)
+                    conv.weight[:n, :n, 0, 0] = torch.eye(n)
+                else:
+                    index = torch.as_tensor(channel_maps[i], dtype=torch.long)  # (s_ch,) teacher channels
+                    if index.numel() != s_ch or (s_ch and int(index.max()) >= t_ch):
+                        raise ValueError(f"channel map {i} does not map {s_ch} to {t_ch} channels")
+                    conv.weight[index, torch.arange(s_ch), 0, 0] = 1.0
             self.adapters.append(conv)
 
     def forward(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -103,3 +117,43 @@ def feature_distill_loss(
     adapted = adapters(student_feats)
     losses = [F.mse_loss(a.float(), t.detach().float()) for a, t in zip(adapted, teacher_feats, strict=True)]
     return torch.stack(losses).mean()
+
+
+class DistillLoss:
+    """A ``TrainHooks.extra_loss``: output and feature distillation from a frozen teacher.
+
+    The teacher runs in eval mode under no_grad (moved to the batch's device on first use). The
+    weighted terms are summed and multiplied by the batch size, as ComputeLoss scales the detection
+    loss; each term is returned for logging (``kd_obj``, ``kd_cls``, ``kd_kl``, ``kd_box``,
+    ``kd_feat``).
+    """
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, weights: DistillWeights,
+                 channel_maps: list[torch.Tensor] | None = None):
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.weights = weights
+        self.adapters = None
+        if weights.feature > 0:
+            self.adapters = FeatureAdapters([m.in_channels for m in student.detect.m],
+                                            [m.in_channels for m in teacher.detect.m], channel_maps)
+
+    def modules(self) -> list[nn.Module]:
+        """The modules to train with the student (the feature adapters)."""
+        return [self.adapters] if self.adapters is not None else []
+
+    def terms(self, imgs: torch.Tensor, feats: list[torch.Tensor], raw: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Weighted terms for a batch ``imgs`` (B, 3, H, W), the student's ``feats`` P3..P5 and ``raw`` maps."""
+        if next(self.teacher.parameters()).device != imgs.device:
+            self.teacher.to(imgs.device)
+        with torch.no_grad():
+            t_feats, t_raw = self.teacher.forward_features(imgs)
+        terms = output_distill_loss(raw, t_raw, self.weights)
+        if self.adapters is not None:
+            terms["kd_feat"] = feature_distill_loss(feats, t_feats, self.adapters) * self.weights.feature
+        return terms
+
+    def __call__(self, imgs: torch.Tensor, feats: list[torch.Tensor], raw: list[torch.Tensor]
+                 ) -> tuple[torch.Tensor, dict[str, float]]:
+        terms = self.terms(imgs, feats, raw)
+        total = torch.stack(list(terms.values())).sum() * imgs.shape[0]
+        return total, {k: float(v.detach()) for k, v in terms.items()}

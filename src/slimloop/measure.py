@@ -35,7 +35,7 @@ def measure_model(
     from slimloop.profile import profile
 
     acc = evaluate(model, data_root, split, imgsz, params, device=device, progress=progress)
-    cost = profile(model, imgsz, params, device=device)
+    cost = profile(model, imgsz, params)
     merged = {**acc, **cost, "imgsz": imgsz}
     record = {k: merged[k] for k in KEYS}
     if "latency_cuda_ms" in merged:

@@ -94,7 +94,14 @@ class _Run:
         self.params, self.eval_params, self.hooks = params, eval_params, hooks
         self.data_root, self.out_dir, self.progress = Path(data_root), Path(out_dir), progress
         self.device = select_device(params.device)
-        self.model = model.to(self.device)
+        # channels_last: ~20% faster convs on CPU (measured 65 -> 51 ms/img at 256 px) and on CUDA
+        self.model = model.to(self.device, memory_format=torch.channels_last)
+        # YOLOv5's BN momentum 0.03 suits 300-epoch runs; in a few hundred steps the running stats
+        # lag the weights so far that eval-mode objectness collapses (measured: tiny overfit reaches
+        # mAP@0.5 0.03 with 0.03, 1.0 with 0.1). The momentum is not saved, so set it per run.
+        for m in self.model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.momentum = params.bn_momentum
         self.train_set = DetectionDataset(data_root, "train", params.imgsz, params.augment, seed=params.seed)
         if len(self.train_set) == 0:
             raise TrainingError(f"{data_root}: the train split has no images")
@@ -169,7 +176,8 @@ class _Run:
         return {**{f"train/{k}": v / n for k, v in sums.items()}, "lr": lr}
 
     def train_step(self, imgs, targets, epoch, i, progress) -> dict[str, float]:
-        imgs = imgs.to(self.device, non_blocking=True).float() / 255  # (B, 3, H, W)
+        imgs = imgs.to(self.device, non_blocking=True).float().div_(255)  # (B, 3, H, W)
+        imgs = imgs.contiguous(memory_format=torch.channels_last)
         targets = targets.to(self.device)
         with torch.autocast(self.device.type, enabled=self.use_amp):
             feats, raw = self.model.forward_features(imgs)

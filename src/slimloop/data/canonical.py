@@ -60,8 +60,8 @@ def to_coco(split: Split) -> dict[str, Any]:
     for image_id, s in enumerate(split.samples, start=1):
         images.append({"id": image_id, "file_name": s.file_name, "width": int(s.width), "height": int(s.height)})
         for box, label in zip(s.boxes, s.labels, strict=True):
-            x1, y1, x2, y2 = (round(float(v), 3) for v in box)
-            w, h = round(x2 - x1, 3), round(y2 - y1, 3)
+            x1, y1, x2, y2 = (round(float(v), 6) for v in box)
+            w, h = round(x2 - x1, 6), round(y2 - y1, 6)
             annotations.append({
                 "id": len(annotations) + 1,
                 "image_id": image_id,

@@ -135,6 +135,8 @@ def _bbox(raw: Any) -> tuple[list[float] | None, str | None]:
         return None, "bbox width <= 0"
     if h <= 0:
         return None, "bbox height <= 0"
+    if not (x + w > x and y + h > y and math.isfinite(x + w) and math.isfinite(y + h)):
+        return None, f"bbox {reprlib.repr(raw)} has no extent at its magnitude (outside any image)"
     return [x, y, x + w, y + h], None
 
 

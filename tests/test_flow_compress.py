@@ -1,0 +1,99 @@
+"""The compress flow: content-addressed step cache; a distillation-only change reuses earlier steps."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from flows.cache import step_key, store_dir
+
+from conftest import TINY_EVAL, tiny_train_params
+from slimloop.config import (
+    CompressParams,
+    DataParams,
+    DistillParams,
+    Params,
+    RetrainParams,
+    SparseParams,
+)
+
+
+def test_key_follows_content_not_path(tmp_path):
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    a.write_bytes(b"weights")
+    b.write_bytes(b"weights")
+    sparse = SparseParams(epochs=1)
+    assert step_key("prune", {"ckpt": a, "sparse": sparse}) == step_key("prune", {"ckpt": b, "sparse": sparse})
+    b.write_bytes(b"other")
+    assert step_key("prune", {"ckpt": a, "sparse": sparse}) != step_key("prune", {"ckpt": b, "sparse": sparse})
+    assert step_key("prune", {"ckpt": a, "sparse": sparse}) != step_key(
+        "prune", {"ckpt": a, "sparse": SparseParams(epochs=2)})
+    assert step_key("prune", {"ckpt": a, "out_dir": tmp_path / "x"}) == step_key(
+        "prune", {"ckpt": a, "out_dir": tmp_path / "y"})
+
+
+def test_store_is_absolute_and_overridable(monkeypatch, tmp_path):
+    monkeypatch.setenv("SLIMLOOP_CACHE", "rel/store")
+    assert store_dir().is_absolute()
+    monkeypatch.setenv("SLIMLOOP_CACHE", str(tmp_path))
+    assert store_dir() == tmp_path.resolve()
+
+
+@pytest.fixture
+def project(tmp_path, tiny_data, tiny_spec, monkeypatch):
+    """A project folder with a trained tiny baseline and its metrics, cwd set to it."""
+    from slimloop.checkpoint import load_model
+    from slimloop.measure import measure_model
+    from slimloop.model import build_model
+    from slimloop.train import seed_everything, train
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SLIMLOOP_CACHE", str(tmp_path / "store"))
+    params = Params(
+        data=DataParams(out_dir=str(tiny_data)),
+        train=tiny_train_params(epochs=2),
+        eval=TINY_EVAL,
+        sparse=SparseParams(epochs=1, lam=1e-3),
+        retrain=RetrainParams(epochs=1),
+        distill=DistillParams(mode="separate", epochs=1),
+        compress=CompressParams(iterations=1, step_ratio=0.3, tolerance=1.0),
+    )
+    seed_everything(0)
+    result = train(build_model(tiny_spec), tiny_data, params.train, params.eval, tmp_path / "models/baseline",
+                   progress=False)
+    assert result.best == tmp_path / "models/baseline/best.safetensors"
+    record = measure_model(load_model(result.best), tiny_data, "val", 128, TINY_EVAL)
+    Path("metrics").mkdir()
+    Path("metrics/baseline.json").write_text(json.dumps(record))
+    return params
+
+
+def _step_dirs(root: Path) -> set[str]:
+    return {p.name for p in root.iterdir() if p.is_dir() and p.name not in ("results", "work")}
+
+
+@pytest.mark.slow
+def test_distill_change_reuses_cached_steps(project, tmp_path):
+    from flows.compress import compress_flow
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        first = compress_flow(project)
+        made = _step_dirs(tmp_path / "store")
+        assert len(made) == 5  # sparse_train, prune, pad, retrain, distill
+        again = compress_flow(project)
+        assert _step_dirs(tmp_path / "store") == made  # everything served from the cache
+        assert again["record"] == first["record"]
+        changed = project.model_copy(update={"distill": project.distill.model_copy(update={"feature": 0.5})})
+        compress_flow(changed)
+        new = _step_dirs(tmp_path / "store") - made
+        assert len(new) == 1  # only the distill step ran again
+        shutil.rmtree(tmp_path / "store" / sorted(made)[0])  # a cached step whose files vanished
+        compress_flow(project)
+        assert sorted(made)[0] in _step_dirs(tmp_path / "store")  # recomputed, not trusted
+    assert json.loads(Path("metrics/final.json").read_text())["iterations_run"] == 1
+    assert Path("metrics/iterations/iter_1.json").exists()
+    assert Path("models/compressed/final.safetensors").exists()
+    assert "iteration,step,map50" in Path("metrics/iterations.csv").read_text()

@@ -1,0 +1,210 @@
+"""The loop's stop/rollback decision, the loop end to end on a tiny model, and the control model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import TINY_EVAL, tiny_train_params
+from slimloop.checkpoint import load_checkpoint, save_checkpoint
+from slimloop.compress import REWIND_NAME, scratch_epochs
+from slimloop.config import (
+    CompressParams,
+    DistillParams,
+    ModelParams,
+    Params,
+    PruneParams,
+    RetrainParams,
+    SparseParams,
+    TargetParams,
+)
+from slimloop.control import control_spec, fit_width, train_control
+from slimloop.errors import ConfigError
+from slimloop.loop import decide, loop_prune_params, rewind_saver, run_loop
+from slimloop.measure import KEYS
+from slimloop.model import build_model, conv_widths
+from slimloop.profile import gflops
+from slimloop.train import TrainHooks, seed_everything, train
+
+BASE = {"map": 0.50, "gflops": 10.0, "params": 1000, "latency_ms": 20.0}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)  # conftest restores the count afterwards
+
+
+def rec(map_, gflops_, params=None, latency=None):
+    return {"map": map_, "gflops": gflops_, "params": params or int(gflops_ * 100), "latency_ms": latency or 2 * gflops_}
+
+
+def test_tolerance_exceeded_rolls_back_to_previous():
+    records = [rec(0.50, 8.0), rec(0.495, 6.0), rec(0.47, 4.0)]
+    d = decide(records, BASE, CompressParams(iterations=5, tolerance=0.01), TargetParams())
+    assert (d.stop, d.reason, d.best, d.accepted) == (True, "tolerance_exceeded", 2, (1, 2))
+
+
+def test_tolerance_exceeded_at_first_iteration_keeps_baseline():
+    d = decide([rec(0.30, 8.0)], BASE, CompressParams(tolerance=0.01), TargetParams())
+    assert (d.stop, d.reason, d.best, d.accepted) == (True, "tolerance_exceeded", 0, ())
+
+
+def test_drop_equal_to_tolerance_is_inside():
+    d = decide([rec(0.49, 8.0)], BASE, CompressParams(iterations=3, tolerance=0.01), TargetParams())
+    assert not d.stop and d.best == 1 and d.reason is None
+
+
+def test_target_reached_needs_every_target_given():
+    records = [rec(0.50, 7.0, latency=30.0), rec(0.50, 4.0, latency=15.0)]
+    both = TargetParams(gflops_ratio=0.75, latency_ms=18.0)
+    d = decide(records, BASE, CompressParams(iterations=5), both)
+    assert (d.stop, d.reason, d.best) == (True, "target_reached", 2)
+    d1 = decide(records[:1], BASE, CompressParams(iterations=5), both)  # gflops met, latency not
+    assert not d1.stop
+    params_only = decide(records, BASE, CompressParams(iterations=5), TargetParams(params_ratio=0.7))
+    assert (params_only.reason, params_only.best) == ("target_reached", 1)  # 700 <= 0.7 * 1000
+
+
+def test_max_iterations_and_best_is_fewest_gflops_inside_tolerance():
+    records = [rec(0.50, 8.0), rec(0.52, 9.0), rec(0.499, 7.5)]  # iteration 2 grew (padding)
+    d = decide(records, BASE, CompressParams(iterations=3, tolerance=0.01), TargetParams())
+    assert (d.stop, d.reason, d.best, d.accepted) == (True, "max_iterations", 3, (1, 2, 3))
+    running = decide(records[:2], BASE, CompressParams(iterations=3), TargetParams())
+    assert (running.stop, running.best) == (False, 1)
+    tie = decide([rec(0.49, 8.0), rec(0.50, 8.0)], BASE, CompressParams(iterations=2), TargetParams())
+    assert tie.best == 2  # same GFLOPs: the better mAP
+
+
+def test_loop_prune_params_use_step_ratio_unless_threshold():
+    compress = CompressParams(step_ratio=0.2)
+    assert loop_prune_params(PruneParams(ratio=0.5), compress).ratio == 0.2
+    by_threshold = PruneParams(ratio=None, threshold=0.05)
+    assert loop_prune_params(by_threshold, compress) == by_threshold
+
+
+def test_params_sections_validate_and_name_keys():
+    with pytest.raises(ValueError, match="exactly one of ratio and threshold"):
+        PruneParams(ratio=0.3, threshold=0.1)
+    with pytest.raises(ValueError, match="multiple"):
+        Params.model_validate({"pad": {"multiple": 4}})
+    with pytest.raises(ValueError, match="compress.step_ratio"):
+        Params.model_validate({"compress": {"step_ratio": 1.0}})
+    with pytest.raises(ValueError, match="target.gflops_ratio"):
+        Params.model_validate({"target": {"gflops_ratio": 0}})
+    with pytest.raises(ValueError, match="distill.temperature"):
+        Params.model_validate({"distill": {"temperature": 0}})
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny_data, tiny_spec, tmp_path_factory):
+    """A baseline trained 2 epochs that keeps its epoch-1 weights for rewinding."""
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("baseline")
+    seed_everything(0)
+    hooks = TrainHooks(on_epoch_end=[rewind_saver(out, 1)])
+    result = train(build_model(tiny_spec), tiny_data, tiny_train_params(epochs=2), TINY_EVAL, out,
+                   hooks=hooks, progress=False)
+    return result.best
+
+
+def _params(**sections):
+    base = dict(train=tiny_train_params(epochs=1), eval=TINY_EVAL, sparse=SparseParams(epochs=1, lam=1e-3),
+                prune=PruneParams(ratio=0.3, min_channels=2), retrain=RetrainParams(epochs=1),
+                distill=DistillParams(mode="off", epochs=1), compress=CompressParams(iterations=3))
+    return Params(**{**base, **sections})
+
+
+def test_rewind_checkpoint_is_the_early_epoch(baseline):
+    early, last = load_checkpoint(baseline.parent / REWIND_NAME), load_checkpoint(baseline.parent / "last.safetensors")
+    assert early.meta == {"step": "rewind", "epoch": 1} and last.meta["epoch"] == 2
+    key = "layers.0.conv.weight"
+    assert not torch.equal(early.state_dict[key], last.state_dict[key])
+
+
+def test_loop_rolls_back_when_first_iteration_exceeds_tolerance(baseline, tiny_data, tmp_path):
+    calls = []
+
+    def run_step(name, fn, kwargs):
+        calls.append(name)
+        assert str(kwargs.get("out_dir", tmp_path)).startswith(str(tmp_path))
+        return fn(**kwargs)
+
+    base_gflops = gflops(build_model(load_checkpoint(baseline).spec), 128)
+    reference = {**rec(1.0, base_gflops), "imgsz": 128}
+    retrain = RetrainParams(mode="scratch", epochs=2, scratch_budget=True, budget_cap=3.0)
+    params = _params(retrain=retrain, compress=CompressParams(iterations=3, tolerance=0.01))
+    result = run_loop(baseline, reference, params, tiny_data, tmp_path, run_step=run_step)
+    assert calls == ["sparse_train", "prune", "pad", "retrain"]
+    assert (result.decision.reason, result.decision.best) == ("tolerance_exceeded", 0)
+    assert result.final_checkpoint == baseline and result.final_record is reference
+    (it,) = result.iterations
+    assert it["iteration"] == 1 and not it["accepted"] and it["map_drop"] > 0.01
+    assert set(it["steps"]) == {"sparse", "pruned", "padded", "retrained", "distilled"}
+    assert it["steps"]["distilled"] is None and it["final_step"] == "retrained"
+    for step in ("sparse", "pruned", "padded", "retrained"):
+        assert set(KEYS) <= set(it["steps"][step])
+    retrained, padded = it["steps"]["retrained"], it["steps"]["padded"]
+    assert retrained["mode"] == "scratch" and retrained["distill"] == "off"
+    assert retrained["epochs"] == scratch_epochs(2, base_gflops, padded["gflops"], 3.0) > 2  # scratch-B
+    assert 0 < it["kept_fraction"] < 1 and it["epochs"] == 1 + retrained["epochs"]
+    assert build_model(load_checkpoint(it["checkpoint"]).spec)  # the spec dict is the checkpoint's
+    assert it["spec"] == load_checkpoint(it["checkpoint"]).spec.to_dict()
+    summary = result.summary()
+    assert summary["final_iteration"] == 0 and summary["reason"] == "tolerance_exceeded"
+    json.dumps(result.iterations)
+    json.dumps(summary)
+
+
+def test_loop_stops_at_target_with_rewind_and_joint_distillation(baseline, tiny_data, tmp_path):
+    base_gflops = gflops(build_model(load_checkpoint(baseline).spec), 128)
+    reference = {**rec(0.0, base_gflops), "imgsz": 128}
+    params = _params(retrain=RetrainParams(mode="rewind", epochs=1, rewind_epoch=1),
+                     distill=DistillParams(mode="joint", epochs=1), target=TargetParams(gflops_ratio=1.0))
+    result = run_loop(baseline, reference, params, tiny_data, tmp_path)
+    assert (result.decision.reason, result.decision.best) == ("target_reached", 1)
+    (it,) = result.iterations
+    assert it["accepted"] and result.final_checkpoint == load_checkpoint(it["checkpoint"]).path
+    retrained = it["steps"]["retrained"]
+    assert retrained["mode"] == "rewind" and retrained["distill"] == "joint"
+    assert set(retrained["distill_terms"]) >= {"kd_obj", "kd_cls", "kd_kl", "kd_box", "kd_feat"}
+    meta = load_checkpoint(result.final_checkpoint).meta
+    assert "rewind" in meta and "teacher" in meta
+    assert result.final_record["gflops"] <= base_gflops
+
+
+def test_rewind_without_checkpoint_is_a_config_error(tiny_data, tiny_spec, tmp_path):
+    ckpt = save_checkpoint(tmp_path / "base.safetensors", build_model(tiny_spec))
+    with pytest.raises(ConfigError, match="retrain.rewind_epoch"):
+        run_loop(ckpt, {**rec(0.5, 1.0), "imgsz": 128}, _params(retrain=RetrainParams(mode="rewind")),
+                 tiny_data, tmp_path / "work")
+
+
+@pytest.fixture(scope="module")
+def make_spec(tiny_spec):
+    return lambda w: control_spec(tiny_spec, ModelParams(base="n", depth_multiple=0.33), w)
+
+
+def test_control_width_fits_target_and_is_monotone(make_spec):
+    widths = []
+    for target in (0.015, 0.03):
+        fit = fit_width(make_spec, target, 128, high=0.125, tol=0.01)
+        assert fit.fits and fit.gflops <= target
+        assert gflops(build_model(make_spec(fit.width_multiple + 0.01)), 128) > target  # the widest
+        outs = [w for name, w in conv_widths(fit.spec).items() if name.count(".") == 1 or name.endswith("cv3")]
+        assert all(w % 8 == 0 for w in outs)  # layer outputs are YOLOv5's make_divisible(., 8)
+        widths.append(fit.width_multiple)
+    assert widths[0] < widths[1]
+    assert not fit_width(make_spec, 1e-4, 128, high=0.125).fits  # below the narrowest: reported
+
+
+def test_train_control_matches_final_gflops(baseline, tiny_data, tmp_path):
+    target = 0.03
+    params = _params(model=ModelParams(base="n", width_multiple=0.125, depth_multiple=0.33))
+    record = train_control(baseline, target, 128, params, epochs=1, data_root=tiny_data, out_dir=tmp_path)
+    assert set(KEYS) <= set(record) and record["step"] == "control"
+    assert record["gflops"] <= target and record["fits"] and record["epochs"] == 1
+    assert record["width_multiple"] <= 0.125
+    spec = load_checkpoint(record["checkpoint"]).spec
+    assert spec.detect.anchors == load_checkpoint(baseline).spec.detect.anchors

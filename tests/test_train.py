@@ -1,0 +1,87 @@
+"""Training: the pieces fit together (a tiny model overfits), and resume is exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import TINY_EVAL, tiny_train_params
+from slimloop.checkpoint import load_checkpoint, load_model
+from slimloop.errors import TrainingError
+from slimloop.evaluate import evaluate
+from slimloop.model import build_model
+from slimloop.train import TrainHooks, seed_everything, train
+
+
+class Stop(Exception):
+    """Raised by a callback to kill a run after an epoch."""
+
+
+def _model(spec):
+    seed_everything(0)
+    return build_model(spec)
+
+
+def test_tiny_model_overfits_eight_images(tiny_data, tiny_spec, tmp_path):
+    params = tiny_train_params(epochs=80, lr0=0.1, ema=False)
+    result = train(_model(tiny_spec), tiny_data, params, TINY_EVAL, tmp_path, progress=False)
+    model = load_model(result.best)
+    metrics = evaluate(model, tiny_data, "train", 128, TINY_EVAL, progress=False)
+    assert metrics["map50"] >= 0.9, metrics
+    assert result.history[0]["train/loss"] > result.history[-1]["train/loss"]
+
+
+def test_resume_gives_identical_weights(tiny_data, tiny_spec, tmp_path):
+    params = tiny_train_params(epochs=3)
+    full = train(_model(tiny_spec), tiny_data, params, TINY_EVAL, tmp_path / "full", progress=False)
+
+    def stop_after_first(epoch, model, row):
+        if epoch == 0:
+            raise Stop
+
+    hooks = TrainHooks(on_epoch_end=[stop_after_first])
+    with pytest.raises(Stop):
+        train(_model(tiny_spec), tiny_data, params, TINY_EVAL, tmp_path / "cut", hooks=hooks, progress=False)
+    assert load_checkpoint(tmp_path / "cut" / "last.safetensors").meta["epoch"] == 1
+    resumed = train(_model(tiny_spec), tiny_data, params, TINY_EVAL, tmp_path / "cut", progress=False)
+    a = load_checkpoint(full.last).state_dict
+    b = load_checkpoint(resumed.last).state_dict
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert [r["train/loss"] for r in full.history] == [r["train/loss"] for r in resumed.history]
+
+
+def test_changed_params_start_over(tiny_data, tiny_spec, tmp_path):
+    train(_model(tiny_spec), tiny_data, tiny_train_params(epochs=1), TINY_EVAL, tmp_path, progress=False)
+    result = train(_model(tiny_spec), tiny_data, tiny_train_params(epochs=1, lr0=0.001), TINY_EVAL,
+                   tmp_path, progress=False)
+    assert len(result.history) == 1
+    assert load_checkpoint(result.last).meta["train"]["lr0"] == 0.001
+
+
+def test_nan_loss_names_epoch_and_step_and_keeps_checkpoint(tiny_data, tiny_spec, tmp_path):
+    params = tiny_train_params(epochs=2)
+
+    def poison(imgs, feats, raw):
+        bad = torch.tensor(float("nan")) if epochs_seen else torch.zeros(())
+        return bad, {}
+
+    epochs_seen: list[int] = []
+    hooks = TrainHooks(extra_loss=poison, on_epoch_end=[lambda e, m, r: epochs_seen.append(e)])
+    with pytest.raises(TrainingError, match=r"non-finite loss .* epoch 2, step 1"):
+        train(_model(tiny_spec), tiny_data, params, TINY_EVAL, tmp_path, hooks=hooks, progress=False)
+    assert load_checkpoint(tmp_path / "last.safetensors").meta["epoch"] == 1
+
+
+def test_sparsity_hook_sees_unscaled_grads_and_runs(tiny_data, tiny_spec, tmp_path):
+    calls = []
+
+    def after_backward(model, progress):
+        calls.append(progress)
+        return {"l1": 1.0}
+
+    result = train(_model(tiny_spec), tiny_data, tiny_train_params(epochs=2), TINY_EVAL, tmp_path,
+                   hooks=TrainHooks(after_backward=after_backward), progress=False)
+    assert calls == [0.0, 0.5]
+    assert result.history[-1]["train/l1"] == 1.0
