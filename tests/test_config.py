@@ -17,8 +17,9 @@ def write(tmp_path: Path, raw: dict) -> Path:
     return path
 
 
-def test_repo_params_are_valid():
-    params = load_params(ROOT / "params.yaml")
+@pytest.mark.parametrize("name", ["params.yaml", "profiles/gpu.yaml"])
+def test_repo_params_are_valid(name):
+    params = load_params(ROOT / name)
     assert isinstance(params, Params)
     assert params.train.imgsz % 32 == 0
 
