@@ -61,3 +61,17 @@ def tiny_train_params(**overrides) -> TrainParams:
 
 
 TINY_EVAL = EvalParams(latency_runs=3, latency_warmup=1, imgsz_sweep=[128, 96])
+
+
+def randomize_bn(model):
+    """Give every BatchNorm random statistics and gammas in [0.2, 1] (eval mode), so pruning has
+    real constants to fold; returns the model."""
+    from slimloop.model.build import conv_modules
+
+    model.eval()
+    for conv in conv_modules(model).values():
+        conv.bn.weight.data.uniform_(0.2, 1.0)
+        conv.bn.bias.data.normal_(0, 0.5)
+        conv.bn.running_mean.normal_(0, 0.1)
+        conv.bn.running_var.uniform_(0.5, 1.5)
+    return model

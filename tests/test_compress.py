@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import TINY_EVAL, tiny_train_params
+from conftest import TINY_EVAL, randomize_bn, tiny_train_params
 from slimloop.checkpoint import load_checkpoint, load_model, save_checkpoint
 from slimloop.compress import (
     GammaHistogram,
@@ -56,13 +56,7 @@ def _model(spec, seed=0):
 
 def _randomized(spec, seed=0):
     """Eval-mode model with random BN statistics and gammas in [0.2, 1]."""
-    model = _model(spec, seed).eval()
-    for conv in conv_modules(model).values():
-        conv.bn.weight.data.uniform_(0.2, 1.0)
-        conv.bn.bias.data.normal_(0, 0.5)
-        conv.bn.running_mean.normal_(0, 0.1)
-        conv.bn.running_var.uniform_(0.5, 1.5)
-    return model
+    return randomize_bn(_model(spec, seed))
 
 
 def _keep(model, ratio, min_channels=2):

@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from conftest import randomize_bn
 from slimloop.checkpoint import load_model, save_checkpoint
 from slimloop.export import check_onnx, export_onnx
 from slimloop.model import build_model, yolov5_spec
@@ -24,13 +25,7 @@ from slimloop.prune import (
 def randomized(spec, seed=0):
     """A model in eval mode with random BN statistics, so pruning has real constants to fold."""
     torch.manual_seed(seed)
-    model = build_model(spec).eval()
-    for conv in conv_modules(model).values():
-        conv.bn.weight.data.uniform_(0.2, 1.0)
-        conv.bn.bias.data.normal_(0, 0.5)
-        conv.bn.running_mean.normal_(0, 0.1)
-        conv.bn.running_var.uniform_(0.5, 1.5)
-    return model
+    return randomize_bn(build_model(spec))
 
 
 @pytest.fixture(scope="module")
