@@ -15,26 +15,27 @@ METRICS = Path("metrics/baseline.json")
 
 
 @flow(name="baseline", log_prints=True)
-def baseline_flow(params: Params, out_dir: Path = OUT, progress: bool = True) -> dict:
+def baseline_flow(params: Params, out_dir: Path = OUT, metrics: Path = METRICS, progress: bool = True) -> dict:
     """Train the baseline detector and write its checkpoint, spec, ONNX file and metrics."""
     from slimloop.baseline import initial_spec, train_and_measure
 
     spec, anchor_info = initial_spec(params)
     record = train_and_measure(spec, params, out_dir, progress=progress, stage="baseline")
     record["anchors"] = anchor_info
-    write_json_atomic(METRICS, record)
+    write_json_atomic(metrics, record)
     return record
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__)
     parser.add_argument("--out", type=Path, default=OUT, help=f"output folder (default: {OUT})")
+    parser.add_argument("--metrics", type=Path, default=METRICS, help=f"metrics file (default: {METRICS})")
     args = parser.parse_args(argv)
     params = load_params(args.params)
-    rec = baseline_flow.fn(params, args.out, progress=not args.quiet)
+    rec = baseline_flow.fn(params, args.out, args.metrics, progress=not args.quiet)
     print(
         f"baseline: mAP@0.5 {rec['map50']:.3f}  mAP@0.5:0.95 {rec['map']:.3f}  "
-        f"{rec['gflops']:.2f} GFLOPs  {rec['params']:,} params  ORT {rec['latency_ms']:.2f} ms  -> {METRICS}"
+        f"{rec['gflops']:.2f} GFLOPs  {rec['params']:,} params  ORT {rec['latency_ms']:.2f} ms  -> {args.metrics}"
     )
     return 0
 

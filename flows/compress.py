@@ -22,6 +22,7 @@ METRICS = Path("metrics")
 
 
 @task(name="step", cache_policy=StepCachePolicy(), persist_result=True, result_serializer="json",
+      log_prints=False,
       retries=1, retry_delay_seconds=1)
 def step_task(name: str, fn: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     """Run one loop step into the store folder named by its cache key; return JSON-able output."""
