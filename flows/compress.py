@@ -107,7 +107,18 @@ def compress_flow(params: Params, baseline_dir: Path = BASELINE, out_dir: Path =
                       rewind_ckpt=baseline_dir / "rewind.safetensors", progress=progress)
     imgsz = params.compress.imgsz or params.train.imgsz
     write_outputs(result, out_dir, metrics_dir, imgsz)
+    write_imgsz_sweep(params, baseline_dir / "best.safetensors", out_dir / "final.safetensors", metrics_dir)
     return result.summary()
+
+
+def write_imgsz_sweep(params: Params, baseline: Path, final: Path, metrics_dir: Path) -> None:
+    """``metrics/imgsz_sweep.json``: baseline and final model at every ``eval.imgsz_sweep`` size."""
+    from slimloop.checkpoint import load_model
+    from slimloop.measure import sweep_imgsz
+
+    models = {"baseline": load_model(baseline), "final": load_model(final)}
+    rows = sweep_imgsz(models, params.data.out_dir, "val", params.eval.imgsz_sweep, params.eval)
+    write_json_atomic(metrics_dir / "imgsz_sweep.json", {"rows": rows})
 
 
 def main(argv: list[str] | None = None) -> int:

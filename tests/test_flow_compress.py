@@ -97,3 +97,8 @@ def test_distill_change_reuses_cached_steps(project, tmp_path):
     assert Path("metrics/iterations/iter_1.json").exists()
     assert Path("models/compressed/final.safetensors").exists()
     assert "iteration,step,map50" in Path("metrics/iterations.csv").read_text()
+    sweep = json.loads(Path("metrics/imgsz_sweep.json").read_text())["rows"]
+    assert [(r["model"], r["imgsz"]) for r in sweep] == [("baseline", 128), ("baseline", 96), ("final", 128), ("final", 96)]
+    assert all(r["gflops"] > 0 and set(r["missed_per_class"]) == {"barcode", "qrcode"} for r in sweep)
+    small, large = sweep[1], sweep[0]
+    assert small["gflops"] < large["gflops"]

@@ -43,3 +43,25 @@ def measure_model(
     record["split"] = split
     record["per_class"] = acc.get("per_class", {})
     return record
+
+
+def sweep_imgsz(
+    models: dict[str, nn.Module],
+    data_root: str | Path,
+    split: str,
+    sizes: list[int],
+    params: EvalParams,
+    device: str = "cpu",
+) -> list[dict[str, Any]]:
+    """Plan B: evaluate each model at each input size (lower sizes miss small codes first).
+
+    Returns:
+        One row per (model, size): ``model``, ``imgsz``, the metric keys, and ``missed_per_class``.
+    """
+    rows = []
+    for name, model in models.items():
+        for imgsz in sizes:
+            rec = measure_model(model, data_root, split, imgsz, params, device=device)
+            missed = {cls: v["missed"] for cls, v in rec["per_class"].items()}
+            rows.append({"model": name, **{k: rec[k] for k in KEYS}, "missed_per_class": missed})
+    return rows
