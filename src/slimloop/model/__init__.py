@@ -13,13 +13,12 @@ from slimloop.model.loss import ComputeLoss
 from slimloop.model.spec import (
     ModelSpec,
     SpecError,
-    load_spec,
-    save_spec,
     spec_from_json,
     spec_from_yaml,
     spec_to_json,
     spec_to_yaml,
 )
+from slimloop.model.spec_files import load_spec, save_spec
 
 __all__ = [
     "ComputeLoss",

@@ -1,0 +1,52 @@
+"""Spec files: save and load a ModelSpec as JSON or YAML, with file:line in errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from slimloop.config import _key_line  # YAML key path -> line, shared with params.yaml errors
+from slimloop.io import write_text_atomic
+from slimloop.model.spec import (
+    ModelSpec,
+    SpecError,
+    spec_from_json,
+    spec_from_yaml,
+    spec_to_json,
+    spec_to_yaml,
+)
+
+
+def _format(path: Path) -> str:
+    fmt = {".json": "json", ".yaml": "yaml", ".yml": "yaml"}.get(path.suffix.lower())
+    if fmt is None:
+        raise SpecError(f"{path}: unknown spec file extension {path.suffix!r}; use .json, .yaml or .yml")
+    return fmt
+
+
+def save_spec(spec: ModelSpec, path: str | Path) -> Path:
+    """Write ``spec`` atomically as JSON or YAML, chosen by the extension; return the path."""
+    path = Path(path)
+    text = spec_to_json(spec) + "\n" if _format(path) == "json" else spec_to_yaml(spec)
+    write_text_atomic(path, text)
+    return path
+
+
+def load_spec(path: str | Path) -> ModelSpec:
+    """Read a spec file written by ``save_spec`` (or by hand).
+
+    Raises:
+        SpecError: unreadable file, unknown extension, or an invalid spec; the message starts
+            with ``file:line`` where the line is known.
+    """
+    path = Path(path)
+    fmt = _format(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SpecError(f"{path}: cannot read spec file: {exc.strerror}") from None
+    try:
+        return spec_from_json(text) if fmt == "json" else spec_from_yaml(text)
+    except SpecError as exc:
+        line = _key_line(text, exc.loc) if fmt == "yaml" and exc.loc else None
+        where = f"{path}:{line}" if line else str(path)
+        raise SpecError(f"{where}: {exc}", exc.loc) from None
