@@ -56,6 +56,9 @@ def prefect_run_step(name: str, fn, kwargs: dict[str, Any]):
     return StepResult(Path(out["checkpoint"]), out["record"], out["extra"])
 
 
+_COLUMNS = ("map50", "map", "precision", "recall", "missed", "params", "size_mb", "gflops", "latency_ms")
+
+
 def _iterations_csv(result) -> str:
     import pandas as pd
 
@@ -65,9 +68,6 @@ def _iterations_csv(result) -> str:
             if rec is not None:
                 rows.append({"iteration": it["iteration"], "step": step, **{k: rec.get(k) for k in _COLUMNS}})
     return pd.DataFrame(rows).to_csv(index=False)
-
-
-_COLUMNS = ("map50", "map", "precision", "recall", "missed", "params", "size_mb", "gflops", "latency_ms")
 
 
 def write_outputs(result, out_dir: Path, metrics_dir: Path, imgsz: int) -> None:
