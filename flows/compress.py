@@ -4,7 +4,11 @@ flow whose steps are cached tasks; writes the final model and per-iteration metr
 from __future__ import annotations
 
 import importlib
+import inspect
+import json
+import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +17,7 @@ from prefect.transactions import get_transaction
 
 from flows.cache import StepCachePolicy, step_key, store_dir
 from flows.common import base_parser, run_entry
+from flows.store import touch_entry
 from slimloop.config import Params, load_params
 from slimloop.io import atomic_dir, write_json_atomic, write_text_atomic
 
@@ -21,18 +26,7 @@ OUT = Path("models/compressed")
 METRICS = Path("metrics")
 
 
-@task(name="step", cache_policy=StepCachePolicy(), persist_result=True, result_serializer="json",
-      log_prints=False,
-      retries=1, retry_delay_seconds=1)
-def step_task(name: str, fn: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Run one loop step into the store folder named by its cache key; return JSON-able output."""
-    module, _, attr = fn.rpartition(".")
-    step = getattr(importlib.import_module(module), attr)
-    txn = get_transaction()
-    key = txn.key if txn is not None and txn.key else step_key(name, kwargs)
-    out_dir = store_dir() / key
-    result = step(**{**kwargs, "out_dir": out_dir})
-    return {"checkpoint": str(result.checkpoint), "record": result.record, "extra": result.extra}
+MANIFEST = "step.json"
 
 
 def _files_present(out: dict[str, Any]) -> bool:
@@ -40,20 +34,87 @@ def _files_present(out: dict[str, Any]) -> bool:
     return all(Path(p).exists() for p in paths)
 
 
+def run_stored_step(name: str, fn: str, kwargs: dict[str, Any], key: str) -> dict[str, Any]:
+    """Run step ``fn`` into ``store/<key>``, or return the entry already there.
+
+    An entry counts only when its manifest (written last, atomically) exists and every file it
+    names is present; otherwise the step runs again in the same folder (training resumes from its
+    ``last`` checkpoint there). A hit touches the folder, so ``flows.store prune`` keeps entries in use.
+    """
+    out_dir = store_dir() / key
+    manifest = out_dir / MANIFEST
+    if manifest.exists():
+        out = json.loads(manifest.read_text())
+        if _files_present(out):
+            os.utime(out_dir)
+            return out
+    module, _, attr = fn.rpartition(".")
+    step = getattr(importlib.import_module(module), attr)
+    if "out_dir" in inspect.signature(step).parameters:  # evaluate_step writes nothing
+        kwargs = {**kwargs, "out_dir": out_dir}
+    result = step(**kwargs)
+    out = {"name": name, "checkpoint": str(result.checkpoint), "record": result.record, "extra": result.extra}
+    write_json_atomic(manifest, out)
+    return out
+
+
+def worth_retrying(task, task_run, state) -> bool:
+    """Prefect ``retry_condition_fn``: retry passing failures (I/O, a killed worker process), never
+    the project's own errors (bad input, a NaN loss): on a rerun they would only repeat."""
+    from slimloop.errors import SlimloopError
+
+    return not isinstance(getattr(state, "data", None), SlimloopError)
+
+
+@task(name="step", cache_policy=StepCachePolicy(), persist_result=True, result_serializer="json",
+      log_prints=False, retries=1, retry_delay_seconds=1, retry_condition_fn=worth_retrying)
+def step_task(name: str, fn: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """One loop step as a Prefect task: cached by :class:`StepCachePolicy`, run into the store."""
+    txn = get_transaction()
+    key = txn.key if txn is not None and txn.key else step_key(name, kwargs)
+    return run_stored_step(name, fn, kwargs, key)
+
+
+def _step_result(out: dict[str, Any]):
+    from slimloop.compress import StepResult
+
+    return StepResult(Path(out["checkpoint"]), out["record"], out["extra"])
+
+
 def prefect_run_step(name: str, fn, kwargs: dict[str, Any]):
     """``run_step`` for :func:`slimloop.loop.run_loop`: each step a cached Prefect task.
 
     A cached result whose files went missing (a cleaned store) is recomputed, not trusted.
     """
-    from slimloop.compress import StepResult
-
     storage = store_dir() / "results"  # a Path: Prefect makes a local, unsaved storage of it
     runner = step_task.with_options(name=name, result_storage=storage)
     qualname = f"{fn.__module__}.{fn.__name__}"
     out = runner(name, qualname, kwargs)
     if not _files_present(out):
         out = runner.with_options(refresh_cache=True)(name, qualname, kwargs)
-    return StepResult(Path(out["checkpoint"]), out["record"], out["extra"])
+    touch_entry(out["checkpoint"])  # a Prefect cache hit skips run_stored_step's own touch
+    return _step_result(out)
+
+
+def local_run_step(name: str, fn, kwargs: dict[str, Any]):
+    """``run_step`` without Prefect: the same content-addressed store, keyed by :func:`step_key`."""
+    return _step_result(run_stored_step(name, f"{fn.__module__}.{fn.__name__}", kwargs, step_key(name, kwargs)))
+
+
+def prefect_api_available() -> str | None:
+    """None when a Prefect API answers (``PREFECT_API_URL`` or a temporary local one); else why not.
+
+    Without ``PREFECT_API_URL`` Prefect starts a temporary server in this process; on a busy
+    machine that can time out, and the loop should not fail for it.
+    """
+    try:
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            error = client.api_healthcheck()
+        return None if error is None else str(error)
+    except Exception as exc:  # noqa: BLE001 - any failure to reach the API means: run without it
+        return f"{type(exc).__name__}: {exc}"
 
 
 _COLUMNS = ("map50", "map", "precision", "recall", "missed", "params", "size_mb", "gflops", "latency_ms")
@@ -95,20 +156,38 @@ def write_outputs(result, out_dir: Path, metrics_dir: Path, imgsz: int) -> None:
 
 @flow(name="compress", log_prints=True)
 def compress_flow(params: Params, baseline_dir: Path = BASELINE, out_dir: Path = OUT,
-                  metrics_dir: Path = METRICS, progress: bool = False, cached: bool = True) -> dict:
-    """Run the loop from the baseline checkpoint; ``cached`` routes steps through Prefect tasks."""
-    import json
+                  metrics_dir: Path = METRICS, progress: bool = False, steps: str = "prefect") -> dict:
+    """Run the loop from the baseline checkpoint.
 
+    ``steps``: ``prefect`` (each step a cached Prefect task), ``store`` (the same step store without
+    Prefect) or ``direct`` (no cache at all).
+    """
     from slimloop.loop import run_loop
 
+    runners = {"prefect": prefect_run_step, "store": local_run_step, "direct": None}
     record = json.loads((metrics_dir / "baseline.json").read_text())
     result = run_loop(baseline_dir / "best.safetensors", record, params, Path(params.data.out_dir),
-                      store_dir() / "work", run_step=prefect_run_step if cached else None,
+                      store_dir() / "work", run_step=runners[steps],
                       rewind_ckpt=baseline_dir / "rewind.safetensors", progress=progress)
     imgsz = params.compress.imgsz or params.train.imgsz
     write_outputs(result, out_dir, metrics_dir, imgsz)
+    _publish_iterations(metrics_dir / "iterations.csv")
     write_imgsz_sweep(params, baseline_dir / "best.safetensors", out_dir / "final.safetensors", metrics_dir)
     return result.summary()
+
+
+def _publish_iterations(csv: Path) -> bool:
+    """The per-iteration table as a Prefect table artifact (only inside a flow run)."""
+    import pandas as pd
+    from prefect.artifacts import create_table_artifact
+    from prefect.context import FlowRunContext
+
+    if FlowRunContext.get() is None:
+        return False
+    rows = pd.read_csv(csv).astype(object).where(lambda f: f.notna(), None).to_dict("records")
+    create_table_artifact(table=rows, key="slimloop-iterations",
+                          description="slimloop compress: every step of every iteration (metrics/iterations.csv)")
+    return True
 
 
 def write_imgsz_sweep(params: Params, baseline: Path, final: Path, metrics_dir: Path) -> None:
@@ -121,13 +200,30 @@ def write_imgsz_sweep(params: Params, baseline: Path, final: Path, metrics_dir: 
     write_json_atomic(metrics_dir / "imgsz_sweep.json", {"rows": rows})
 
 
+def check_targets(params: Params, baseline: Path) -> None:
+    """Stop before any work when a target cannot be met even by the narrowest model the pruner allows."""
+    from slimloop.checkpoint import load_checkpoint
+    from slimloop.feasibility import check_targets_reachable
+
+    check_targets_reachable(load_checkpoint(baseline).spec, params)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__)
-    parser.add_argument("--no-cache", action="store_true", help="run steps directly, without Prefect")
+    parser.add_argument("--no-cache", action="store_true", help="run every step, without Prefect or the step store")
+    parser.add_argument("--no-prefect", action="store_true",
+                        help="use the step store without Prefect (also the fallback when no Prefect API starts)")
     args = parser.parse_args(argv)
     params = load_params(args.params)
+    check_targets(params, BASELINE / "best.safetensors")
     if args.no_cache:
-        summary = compress_flow.fn(params, progress=not args.quiet, cached=False)
+        summary = compress_flow.fn(params, progress=not args.quiet, steps="direct")
+    elif args.no_prefect:
+        summary = compress_flow.fn(params, progress=not args.quiet, steps="store")
+    elif (why := prefect_api_available()) is not None:
+        print(f"warning: no Prefect API ({why}); running the steps through the step store {store_dir()} "
+              "without Prefect. Start one with `prefect server start` and set PREFECT_API_URL.", file=sys.stderr)
+        summary = compress_flow.fn(params, progress=not args.quiet, steps="store")
     else:
         summary = compress_flow(params, progress=not args.quiet)
     rec = summary["record"]

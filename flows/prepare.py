@@ -15,8 +15,10 @@ PLOTS = Path("plots/data")
 
 
 @flow(name="prepare", log_prints=True)
-def prepare_flow(data: DataParams, progress: bool = True) -> dict:
-    """Write the canonical dataset to ``data.out_dir``, ``metrics/data.json`` and two pictures."""
+def prepare_flow(
+    data: DataParams, progress: bool = True, metrics: Path = METRICS, plots: Path = PLOTS
+) -> dict:
+    """Write the canonical dataset to ``data.out_dir``, its stats to ``metrics`` and two pictures."""
     from slimloop.data.prepare import prepare_dataset
     from slimloop.data.stats import dataset_stats, plot_box_sizes, plot_samples
 
@@ -24,19 +26,21 @@ def prepare_flow(data: DataParams, progress: bool = True) -> dict:
     stats = dataset_stats(data.out_dir)
     stats["source"] = data.source
     stats["skipped"] = summary.get("skipped", 0)
-    write_json_atomic(METRICS, stats)
-    plot_samples(data.out_dir, "train", PLOTS / "samples.png", seed=data.seed)
-    plot_box_sizes(data.out_dir, PLOTS / "box_sizes.png")
+    write_json_atomic(metrics, stats)
+    plot_samples(data.out_dir, "train", plots / "samples.png", seed=data.seed)
+    plot_box_sizes(data.out_dir, plots / "box_sizes.png")
     return stats
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = base_parser(__doc__)
+    parser.add_argument("--metrics", type=Path, default=METRICS, help=f"stats file (default: {METRICS})")
+    parser.add_argument("--plots", type=Path, default=PLOTS, help=f"picture folder (default: {PLOTS})")
     args = parser.parse_args(argv)
     params = load_params(args.params)
-    stats = prepare_flow.fn(params.data, progress=not args.quiet)
+    stats = prepare_flow.fn(params.data, progress=not args.quiet, metrics=args.metrics, plots=args.plots)
     counts = ", ".join(f"{s}: {v['images']} images / {v['boxes']} boxes" for s, v in stats["splits"].items())
-    print(f"prepared {params.data.out_dir} ({counts}); stats in {METRICS}")
+    print(f"prepared {params.data.out_dir} ({counts}); stats in {args.metrics}")
     return 0
 
 

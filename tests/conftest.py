@@ -53,6 +53,19 @@ def tiny_spec():
                        depth_multiple=0.33)
 
 
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One temporary Prefect server for the whole session (it takes 15 to 25 s to start).
+
+    Runs, deployments and artifacts of every test that uses it share its database; result
+    storage is not isolated either (tests point it at their own folders).
+    """
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
 def tiny_train_params(**overrides) -> TrainParams:
     """Training settings for tests: 128 px, no augmentation, no workers."""
     base = dict(imgsz=128, epochs=2, batch_size=8, lr0=0.02, warmup_epochs=0, workers=0,

@@ -75,24 +75,22 @@ def _step_dirs(root: Path) -> set[str]:
 
 
 @pytest.mark.slow
-def test_distill_change_reuses_cached_steps(project, tmp_path):
+def test_distill_change_reuses_cached_steps(project, tmp_path, prefect_server):
     from flows.compress import compress_flow
-    from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
-        first = compress_flow(project)
-        made = _step_dirs(tmp_path / "store")
-        assert len(made) == 5  # sparse_train, prune, pad, retrain, distill
-        again = compress_flow(project)
-        assert _step_dirs(tmp_path / "store") == made  # everything served from the cache
-        assert again["record"] == first["record"]
-        changed = project.model_copy(update={"distill": project.distill.model_copy(update={"feature": 0.5})})
-        compress_flow(changed)
-        new = _step_dirs(tmp_path / "store") - made
-        assert len(new) == 1  # only the distill step ran again
-        shutil.rmtree(tmp_path / "store" / sorted(made)[0])  # a cached step whose files vanished
-        compress_flow(project)
-        assert sorted(made)[0] in _step_dirs(tmp_path / "store")  # recomputed, not trusted
+    first = compress_flow(project)
+    made = _step_dirs(tmp_path / "store")
+    assert len(made) == 5  # sparse_train, prune, pad, retrain, distill
+    again = compress_flow(project)
+    assert _step_dirs(tmp_path / "store") == made  # everything served from the cache
+    assert again["record"] == first["record"]
+    changed = project.model_copy(update={"distill": project.distill.model_copy(update={"feature": 0.5})})
+    compress_flow(changed)
+    new = _step_dirs(tmp_path / "store") - made
+    assert len(new) == 1  # only the distill step ran again
+    shutil.rmtree(tmp_path / "store" / sorted(made)[0])  # a cached step whose files vanished
+    compress_flow(project)
+    assert sorted(made)[0] in _step_dirs(tmp_path / "store")  # recomputed, not trusted
     assert json.loads(Path("metrics/final.json").read_text())["iterations_run"] == 1
     assert Path("metrics/iterations/iter_1.json").exists()
     assert Path("models/compressed/final.safetensors").exists()
@@ -102,3 +100,27 @@ def test_distill_change_reuses_cached_steps(project, tmp_path):
     assert all(r["gflops"] > 0 and set(r["missed_per_class"]) == {"barcode", "qrcode"} for r in sweep)
     small, large = sweep[1], sweep[0]
     assert small["gflops"] < large["gflops"]
+
+
+@pytest.mark.slow
+def test_failing_step_fails_the_flow_with_its_own_error(project, prefect_server):
+    """A corrupt baseline checkpoint: the first step's CheckpointError, not a generic flow failure,
+    and no retry (the project's own errors would only repeat)."""
+    from flows.compress import compress_flow
+
+    from slimloop.errors import CheckpointError
+
+    Path("models/baseline/best.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="best.safetensors"):
+        compress_flow(project)
+
+
+def test_retry_condition_skips_project_errors():
+    from types import SimpleNamespace
+
+    from flows.compress import worth_retrying
+
+    from slimloop.errors import TrainingError
+
+    assert not worth_retrying(None, None, SimpleNamespace(data=TrainingError("nan at epoch 1")))
+    assert worth_retrying(None, None, SimpleNamespace(data=OSError("disk hiccup")))

@@ -85,3 +85,20 @@ def test_sparsity_hook_sees_unscaled_grads_and_runs(tiny_data, tiny_spec, tmp_pa
                    hooks=TrainHooks(after_backward=after_backward), progress=False)
     assert calls == [0.0, 0.5]
     assert result.history[-1]["train/l1"] == 1.0
+
+
+def test_curves_are_logged_in_a_git_repo_without_commits(tmp_path, monkeypatch):
+    """dvclive asks git for HEAD; a fresh `git init` has none, and training must not fail on it."""
+    import subprocess
+    import sys
+
+    from slimloop.train import _live
+
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=tmp_path, check=True, capture_output=True)
+    monkeypatch.chdir(tmp_path)
+    live = _live(tmp_path / "run", resume=False)
+    live.log_metric("loss", 1.5)
+    live.next_step()
+    live.end()
+    assert "loss" in (tmp_path / "run" / "live" / "metrics.json").read_text()

@@ -24,12 +24,7 @@ def initial_spec(params: Params) -> tuple[Any, dict[str, float]]:
     root = params.data.out_dir
     names = tuple(read_split(root, "train").names)
     if params.model.spec:
-        spec = load_spec(params.model.spec)
-        if spec.detect.nc != len(names):
-            raise ConfigError(
-                f"model.spec: {params.model.spec} detects {spec.detect.nc} classes, "
-                f"the dataset has {len(names)} ({', '.join(names)})"
-            )
+        spec = relabel(load_spec(params.model.spec), names)
     else:
         spec = yolov5_spec(
             params.model.base, nc=len(names), names=names,
@@ -41,6 +36,22 @@ def initial_spec(params: Params) -> tuple[Any, dict[str, float]]:
         spec, before, after = check_anchors(spec, wh, params.train.loss.anchor_t)
         info = {"bpr_before": round(before, 4), "bpr_after": round(after, 4), "refit": after != before}
     return spec, info
+
+
+def relabel(spec: Any, names: tuple[str, ...]) -> Any:
+    """``spec`` detecting ``names``: every width stays, only the head's class outputs follow the data.
+
+    Transfer ("one ticket to win them all"): a structure found on one dataset is trained from
+    scratch on another, which may have other classes; anchors are refitted afterwards.
+    """
+    import dataclasses
+
+    if spec.detect.names == names:
+        return spec
+    if not names:
+        raise ConfigError("the dataset has no class names: nothing to detect")
+    detect = dataclasses.replace(spec.detect, nc=len(names), names=names)
+    return dataclasses.replace(spec, detect=detect)
 
 
 def train_and_measure(

@@ -17,6 +17,7 @@ from slimloop.errors import CheckpointError
 from slimloop.io import write_bytes_atomic
 
 FORMAT = "slimloop/1"
+DIGEST_KEY = "sha256"  # metadata key: SHA-256 of the other metadata and the tensor bytes
 
 
 @dataclass
@@ -48,6 +49,28 @@ def _contiguous(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> di
     return out
 
 
+def _digest(metadata: dict[str, str], data: bytes | memoryview) -> str:
+    """SHA-256 of the metadata (sorted, without the digest itself) and the tensor bytes after the header."""
+    digest = hashlib.sha256(json.dumps({k: v for k, v in metadata.items() if k != DIGEST_KEY},
+                                       sort_keys=True).encode())
+    header_len = int.from_bytes(data[:8], "little")
+    digest.update(memoryview(data)[8 + header_len:])
+    return digest.hexdigest()
+
+
+def _save_with_digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """safetensors bytes whose metadata carries a checksum, so that flipped bytes anywhere in the
+    spec, provenance or weights are caught on load (safetensors itself checks only the layout)."""
+    first = save(tensors, metadata=metadata)
+    header_len = int.from_bytes(first[:8], "little")
+    header = json.loads(first[8 : 8 + header_len])
+    header["__metadata__"] = {**metadata, DIGEST_KEY: _digest(metadata, first)}
+    # the tensor bytes and their offsets do not depend on the metadata: only the header is rewritten
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # safetensors pads the header to a multiple of 8 bytes
+    return len(text).to_bytes(8, "little") + text + first[8 + header_len :]
+
+
 def checkpoint_bytes(
     model: torch.nn.Module, meta: dict[str, Any] | None = None, dtype: torch.dtype | None = None
 ) -> bytes:
@@ -59,7 +82,15 @@ def checkpoint_bytes(
         "spec": spec_to_json(model.spec),
         "meta": json.dumps(meta or {}, sort_keys=True),
     }
-    return save(_contiguous(model.state_dict(), dtype), metadata=header)
+    return _save_with_digest(_contiguous(model.state_dict(), dtype), header)
+
+
+def _write(path: Path, data: bytes) -> None:
+    """Write atomically; a full disk or a read-only folder is a CheckpointError naming the file."""
+    try:
+        write_bytes_atomic(path, data)
+    except OSError as exc:  # the previous file, if any, is untouched: the write is atomic
+        raise CheckpointError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
 def save_checkpoint(
@@ -77,7 +108,7 @@ def save_checkpoint(
         dtype: store floating tensors in this dtype (``torch.float16`` for the size column).
     """
     path = Path(path)
-    write_bytes_atomic(path, checkpoint_bytes(model, meta, dtype))
+    _write(path, checkpoint_bytes(model, meta, dtype))
     return path
 
 
@@ -101,7 +132,11 @@ def _read_header(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         tensors = load(data)
     except (SafetensorError, ValueError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: corrupt safetensors file ({exc})") from None
-    return tensors, header.get("__metadata__") or {}
+    metadata = header.get("__metadata__") or {}
+    # files written before the checksum existed have none and are read as they are
+    if DIGEST_KEY in metadata and metadata[DIGEST_KEY] != _digest(metadata, data):
+        raise CheckpointError(f"{path}: corrupt file (its checksum does not match its contents)")
+    return tensors, metadata
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
@@ -146,6 +181,26 @@ def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], so
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
 
 
+def _check_out_widths(ckpt: Checkpoint, source: str) -> None:
+    """Compare the spec's conv and head widths with the stored weights before building anything.
+
+    A spec whose widths disagree with the weights (say a corrupt or hand-edited one claiming
+    200000 channels) would otherwise allocate that model first and fail, or exhaust memory, later.
+    """
+    from slimloop.model.build import conv_widths
+
+    spec = ckpt.spec
+    expected = {f"{name}.conv.weight": width for name, width in conv_widths(spec).items()}
+    expected.update({f"detect.m.{k}.weight": len(level) * (5 + spec.detect.nc)
+                     for k, level in enumerate(spec.detect.anchors)})
+    for key, width in expected.items():
+        tensor = ckpt.state_dict.get(key)
+        if tensor is None or tensor.ndim == 0 or tensor.shape[0] != width:
+            found = "missing" if tensor is None else f"{tuple(tensor.shape)}"
+            raise CheckpointError(f"{source}: weights do not match the spec: {key} has {width} output "
+                                  f"channels in the spec, the weights are {found}")
+
+
 def load_model(path: str | os.PathLike, nc: int | None = None, device: str | torch.device = "cpu"):
     """Build the model a checkpoint describes and load its weights strictly.
 
@@ -164,6 +219,7 @@ def load_model(path: str | os.PathLike, nc: int | None = None, device: str | tor
         raise CheckpointError(
             f"{path}: checkpoint detects {ckpt.spec.detect.nc} classes, the dataset has {nc}"
         )
+    _check_out_widths(ckpt, str(path))
     try:
         model = build_model(ckpt.spec)
     except (ValueError, TypeError) as exc:
@@ -212,7 +268,7 @@ def unflatten_state(tensors: dict[str, torch.Tensor], skeleton: Any) -> Any:
 def save_state(path: str | os.PathLike, state: Any) -> None:
     """Write a nested training state (tensors, numbers, strings) as safetensors, atomically."""
     tensors, skeleton = flatten_state(state)
-    write_bytes_atomic(path, save(tensors, metadata={"format": FORMAT + "-state", "skeleton": json.dumps(skeleton)}))
+    _write(Path(path), _save_with_digest(tensors, {"format": FORMAT + "-state", "skeleton": json.dumps(skeleton)}))
 
 
 def load_state(path: str | os.PathLike) -> Any:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -12,6 +13,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -22,9 +24,31 @@ STRIDE = 32  # largest YOLOv5 stride: input sizes must be multiples of it
 
 
 class StrictModel(BaseModel):
-    """Base for every params section: unknown keys are errors, values are immutable."""
+    """Base for every params section: unknown keys are errors, values immutable, numbers finite
+    (``lam: .inf`` would pass every bound check)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_number_mixup(cls, value: Any, info: ValidationInfo) -> Any:
+        """Refuse ``true`` for a number (lax pydantic makes ``lam: true`` 1.0) and anything but true or
+        false for a switch. Numbers as strings stay accepted: YAML 1.1 reads ``1e-4`` as a string."""
+        kinds = _scalar_kinds(cls.model_fields[info.field_name].annotation)
+        if isinstance(value, bool) and kinds and bool not in kinds:
+            raise ValueError(f"expected a number, got {str(value).lower()}")
+        if kinds == {bool} and not isinstance(value, bool):
+            raise ValueError(f"expected true or false, got {value!r}")
+        return value
+
+
+def _scalar_kinds(annotation: Any) -> set[type]:
+    """The scalar types among ``int``, ``float``, ``bool`` a field annotation admits (None ignored)."""
+    if annotation in (int, float, bool):
+        return {annotation}
+    if get_origin(annotation) in (Union, UnionType):
+        return set().union(*(_scalar_kinds(a) for a in get_args(annotation) if a is not type(None)))
+    return set()
 
 
 def _check_imgsz(value: int) -> int:
@@ -248,6 +272,21 @@ class TargetParams(StrictModel):
     latency_ms: float | None = Field(None, gt=0, description="ONNX Runtime CPU latency, ms")
 
 
+class ControlParams(StrictModel):
+    """The control: YOLOv5 scaled uniformly in width to the final model's GFLOPs, trained from scratch."""
+
+    enabled: bool = Field(True, description="false: skip training the control (metrics/control.json says so)")
+    epochs: int | None = Field(
+        None, ge=1, description="training epochs; null = the baseline's plus the loop's epochs to the final model")
+
+
+class ReportParams(StrictModel):
+    """reports/summary.md and its pictures."""
+
+    gallery: int = Field(8, ge=0, le=64, description="val images in the gallery of boxes the final model misses")
+    dpi: int = Field(110, ge=50, le=400, description="resolution of the PNG plots")
+
+
 SECTIONS: dict[str, type[StrictModel]] = {
     "data": DataParams,
     "model": ModelParams,
@@ -260,6 +299,8 @@ SECTIONS: dict[str, type[StrictModel]] = {
     "distill": DistillParams,
     "compress": CompressParams,
     "target": TargetParams,
+    "control": ControlParams,
+    "report": ReportParams,
 }
 
 
@@ -277,6 +318,8 @@ class Params(StrictModel):
     distill: DistillParams = DistillParams()
     compress: CompressParams = CompressParams()
     target: TargetParams = TargetParams()
+    control: ControlParams = ControlParams()
+    report: ReportParams = ReportParams()
 
 
 def _key_line(text: str, loc: tuple[Any, ...]) -> int | None:
@@ -343,6 +386,8 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read params file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (not UTF-8)") from None
     try:
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:

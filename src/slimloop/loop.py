@@ -23,6 +23,7 @@ from slimloop.compress import (
 )
 from slimloop.config import CompressParams, Params, PruneParams, TargetParams
 from slimloop.errors import ConfigError
+from slimloop.model import conv_widths
 from slimloop.prune import kept_fraction
 
 StepFn = Callable[..., StepResult]
@@ -193,11 +194,14 @@ def _iteration(ctx: _Context, k: int, current: Path, masks: list[Path]) -> tuple
         final, epochs = distilled, epochs + p.distill.epochs
     spec = load_checkpoint(final.checkpoint).spec
     base_spec = load_checkpoint(ctx.baseline_ckpt).spec
+    widths = {name: conv_widths(load_checkpoint(ckpt).spec)
+              for name, ckpt in (("before", sparse.checkpoint), ("pruned", pruned.checkpoint),
+                                 ("padded", padded.checkpoint))}
     steps = {"sparse": sparse.record, "pruned": pruned.record, "padded": padded.record,
              "retrained": retrained.record, "distilled": distilled.record if distilled else None}
     return {"iteration": k, "steps": steps, "final_step": "distilled" if distilled else "retrained",
             "spec": spec.to_dict(), "checkpoint": str(final.checkpoint),
-            "kept_fraction": round(kept_fraction(base_spec, spec), 6), "epochs": epochs,
+            "kept_fraction": round(kept_fraction(base_spec, spec), 6), "epochs": epochs, "widths": widths,
             "gamma_histogram": sparse.extra.get("histogram", [])}, final.checkpoint
 
 

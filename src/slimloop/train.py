@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from slimloop.checkpoint import load_state, load_state_strict, save_checkpoint, save_state
 from slimloop.config import EvalParams, TrainParams, params_to_dict
-from slimloop.errors import TrainingError
+from slimloop.errors import CheckpointError, TrainingError
 from slimloop.optim import ModelEMA, build_optimizer, set_lr
 
 AfterBackward = Callable[[nn.Module, float], dict[str, float] | None]
@@ -105,6 +105,12 @@ class _Run:
         self.train_set = DetectionDataset(data_root, "train", params.imgsz, params.augment, seed=params.seed)
         if len(self.train_set) == 0:
             raise TrainingError(f"{data_root}: the train split has no images")
+        nc = model.spec.detect.nc
+        if nc != len(self.train_set.names):  # else a loss index error, or silently unlearned classes
+            raise CheckpointError(
+                f"the model detects {nc} classes ({', '.join(model.spec.detect.names)}) but {data_root} "
+                f"has {len(self.train_set.names)} ({', '.join(self.train_set.names)}): was its checkpoint "
+                f"trained on another dataset?")
         self.make_loader = make_loader
         self.steps_per_epoch = math.ceil(len(self.train_set) / params.batch_size)
         total = self.steps_per_epoch * params.epochs
@@ -211,9 +217,22 @@ class _Run:
 
 
 def _live(out_dir: Path, resume: bool):
-    from dvclive import Live
+    """A dvclive logger that also works in a git repository without commits.
 
-    return Live(str(out_dir / "live"), dvcyaml=None, save_dvc_exp=False, resume=resume, report=None)
+    dvclive asks git for the current revision and raises in a repository with no commits yet (a
+    fresh ``git init``); the curves do not need the revision, so logging goes on without it.
+    """
+    from dvclive import Live
+    from scmrepo.exceptions import SCMError
+
+    class _Live(Live):
+        def _init_dvc(self) -> None:
+            try:
+                super()._init_dvc()
+            except SCMError:
+                self._dvc_repo, self._dvc_file = None, "dvc.yaml"
+
+    return _Live(str(out_dir / "live"), dvcyaml=None, save_dvc_exp=False, resume=resume, report=None)
 
 
 def train(
@@ -248,7 +267,8 @@ def train(
     Raises:
         TrainingError: non-finite loss (names epoch and step), or no training data.
         CheckpointError: an unreadable resume state (a truncated file is never written: writes
-            are atomic).
+            are atomic), a checkpoint that cannot be written (disk full), or a model whose number
+            of classes is not the dataset's.
     """
     hooks = hooks or TrainHooks()
     out_dir = Path(out_dir)
@@ -256,8 +276,13 @@ def train(
     run = _Run(model, data_root, params, eval_params, out_dir, hooks, progress)
     fingerprint = params_fingerprint(params, {"meta": meta or {}})
     state_path, last, best = out_dir / "last.state.safetensors", out_dir / "last.safetensors", out_dir / "best.safetensors"
+    for target in (state_path, last, best):  # temporaries of a write a crash (SIGKILL) interrupted
+        for stale in out_dir.glob(f".{target.name}.*.tmp"):
+            stale.unlink(missing_ok=True)
     state = load_state(state_path) if resume and state_path.exists() else None
     resumed = state is not None and state.get("fingerprint") == fingerprint
+    if resumed and float(state["best_fitness"]) > -1 and not best.exists():
+        resumed = False  # the best checkpoint the state vouches for is gone: only a new run makes it again
     if resumed:
         run.restore(state, str(state_path))
     else:  # a fresh run: never mix in checkpoints of a run with other params
@@ -288,6 +313,8 @@ def train(
             live.end()
     if not best.exists():  # no validation ever improved on -1 (cannot happen) or 0 epochs
         save_checkpoint(best, run.eval_model, {**base_meta, "best": True})
+    if not last.exists() and run.history:  # a complete state whose last checkpoint was deleted
+        save_checkpoint(last, run.eval_model, {**base_meta, "epoch": params.epochs, "metrics": run.history[-1]})
     return TrainResult(best, last, run.best_metrics, run.history, str(run.device))
 
 

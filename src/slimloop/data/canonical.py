@@ -119,6 +119,6 @@ def read_split(root: str | Path, split_name: str) -> Split:
         coco = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DataError(Problem(str(path), None, "missing; run the prepare stage first")) from None
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:  # binary junk is not UTF-8
         raise DataError(Problem(str(path), getattr(exc, "lineno", None), f"unreadable: {exc}")) from None
     return from_coco(coco, str(path))

@@ -108,6 +108,9 @@ def _images(raw: Any, source: str, out: CocoParse) -> dict[int, CocoRecord]:
         if rel.is_absolute() or ".." in rel.parts:
             record.safe_path = False
             problems.append(Problem(source, None, f"{prefix}file_name must be a relative path inside the image folder"))
+        elif "\x00" in name:  # no file system allows it; opening it would raise ValueError
+            record.safe_path = False
+            problems.append(Problem(source, None, f"{prefix}file_name contains a NUL character"))
         key = os.path.normpath(name)
         if key in files:
             problems.append(Problem(source, None, f"{prefix}duplicate file_name (first at images[{files[key]}])"))

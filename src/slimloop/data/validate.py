@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,9 @@ from slimloop.io import atomic_dir, write_json_atomic
 IMAGE_SUFFIXES = frozenset({".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".pgm", ".ppm"})
 TOLERANCE = 1e-3  # boxes may overshoot the image by this fraction of its side; they are clipped
 REPORT_NAME = "invalid.json"
+# Largest image accepted (100 MP, e.g. 10000 x 10000): checked from the file header before decoding,
+# so a decompression bomb (a small PNG declaring 30000 x 30000 pixels) never allocates its pixels.
+MAX_PIXELS = 100_000_000
 
 _ORIENTATION_TAG = 0x0112  # EXIF orientation; 1 means upright
 _SUPPORTED_DTYPES = (np.uint8, np.uint16)  # what slimloop.data.dataset.decode_image accepts
@@ -79,10 +83,31 @@ def _pil_error(data: bytes, suffix: str) -> str | None:
     return None
 
 
+def _too_large(data: bytes) -> str | None:
+    """Why the image declared in ``data``'s header is too large to decode, or None."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:  # reads the header only
+                width, height = im.size
+    except Image.DecompressionBombError:
+        width, height = None, None
+    except Exception:  # noqa: BLE001 -- not readable by PIL: OpenCV (and its own limit) decides
+        return None
+    if width is not None and width * height <= MAX_PIXELS:
+        return None
+    size = "" if width is None else f" ({width} x {height} = {width * height / 1e6:.0f} MP)"
+    return (f"image too large{size}: more than {MAX_PIXELS / 1e6:.0f} MP, refused before decoding "
+            "(downscale it)")
+
+
 def _decode(data: bytes, suffix: str) -> tuple[np.ndarray | None, str | None]:
     """Decode ``data`` as training will (OpenCV, unchanged); return the pixels or why not."""
     if not data:
         return None, "empty file"
+    too_large = _too_large(data)
+    if too_large:
+        return None, too_large
     try:
         img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     except cv2.error:
@@ -115,6 +140,8 @@ def probe_image(path: Path) -> tuple[int, int]:
         raise DataError(Problem(str(path), None, "image not found")) from None
     except OSError as exc:
         raise DataError(Problem(str(path), None, f"image unreadable: {exc.strerror}")) from None
+    except ValueError:  # a NUL character in the name, from an annotation or list file
+        raise DataError(Problem(str(path), None, "not a valid file name (NUL character)")) from None
     img, reason = _decode(data, path.suffix.lower())
     if img is None:
         raise DataError(Problem(str(path), None, reason or "not an image"))

@@ -204,7 +204,7 @@ def _list_file(path: Path) -> tuple[list[tuple[Path, str]], list[Problem]]:
         if not entry:
             continue
         image = Path(os.path.normpath(path.parent / entry))
-        if image.suffix.lower() not in IMAGE_SUFFIXES:
+        if "\x00" in entry or image.suffix.lower() not in IMAGE_SUFFIXES:  # NUL: no file system allows it
             problems.append(Problem(str(path), number, f"not an image file name: {reprlib.repr(entry)}"))
         else:
             out.append((image, f"listed at {path}:{number}"))

@@ -44,6 +44,8 @@ def load_spec(path: str | Path) -> ModelSpec:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise SpecError(f"{path}: cannot read spec file: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"{path}: not a text file (not UTF-8)") from None
     try:
         return spec_from_json(text) if fmt == "json" else spec_from_yaml(text)
     except SpecError as exc:

@@ -1,0 +1,269 @@
+"""The report's pictures: trade-off, Pareto front, channels per layer, input-size sweep, and a
+gallery of val images where the final model misses a box the baseline found."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slimloop.config import EvalParams
+from slimloop.report import ReportInputs, _missing, pareto_front
+
+# ---- plots -------------------------------------------------------------------------------------
+
+STEP_MARKERS = {"sparse": "v", "pruned": "x", "padded": "s", "retrained": "o", "distilled": "D"}
+MARKS = {"baseline": dict(marker="*", s=180, color="black", zorder=5),
+         "final": dict(marker="o", s=220, facecolors="none", edgecolors="red", linewidths=2, zorder=6),
+         "control": dict(marker="P", s=120, color="green", zorder=5)}
+KIND_COLOURS = {"baseline": "black", "iteration": "C0", "control": "green", "sweep": "C1"}
+
+
+def _figure(width: float, height: float, nrows: int = 1, ncols: int = 1) -> tuple[Any, np.ndarray]:
+    """A pyplot-free Figure (no global state) and its ``(nrows, ncols)`` array of axes."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    return fig, fig.subplots(nrows, ncols, squeeze=False)
+
+
+def _message_figure(text: str, path: Path, dpi: int) -> None:
+    fig, axes = _figure(7, 2.2)
+    axes[0, 0].axis("off")
+    axes[0, 0].text(0.5, 0.5, text, ha="center", va="center", fontsize=11)
+    fig.savefig(path, dpi=dpi)
+
+
+def _usable(rows: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
+    return [r for r in rows if not _missing(r[key]) and not _missing(r["map"])]
+
+
+def _tradeoff_panel(ax: Any, rows: list[dict[str, Any]], key: str) -> None:
+    steps = [r for r in _usable(rows, key) if r["kind"] == "iteration"]
+    for n, k in enumerate(sorted({r["iteration"] for r in steps})):
+        pts, colour = [r for r in steps if r["iteration"] == k], f"C{n % 10}"
+        ax.plot([r[key] for r in pts], [r["map"] for r in pts], "-", color=colour, alpha=0.4, label=f"iteration {k}")
+        for r in pts:
+            ax.scatter(r[key], r["map"], marker=STEP_MARKERS.get(r["step"], "o"), color=colour, s=28)
+            ax.annotate(f"{k}:{r['step']}", (r[key], r["map"]), xytext=(3, 3), textcoords="offset points", fontsize=6)
+    for r in _usable(rows, key):
+        if r["kind"] in MARKS:
+            ax.scatter(r[key], r["map"], label=r["model"], **MARKS[r["kind"]])
+
+
+def plot_tradeoff(rows: list[dict[str, Any]], path: Path, dpi: int) -> None:
+    """mAP@0.5:0.95 against GFLOPs and against ONNX Runtime latency: each iteration's steps joined in
+    order and labelled ``<iteration>:<step>``; baseline, final model and control marked (sweep rows left out)."""
+    fig, axes = _figure(13, 5.5, 1, 2)
+    for ax, key, label in zip(axes[0], ("gflops", "latency_ms"), ("GFLOPs", "latency ms (ONNX Runtime CPU)"),
+                              strict=True):
+        _tradeoff_panel(ax, rows, key)
+        ax.set(xlabel=label, ylabel="mAP@0.5:0.95")
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=7)
+    fig.savefig(path, dpi=dpi)
+
+
+def plot_pareto(rows: list[dict[str, Any]], path: Path, dpi: int) -> None:
+    """Every evaluated model (all steps, control, sweep) in GFLOPs / mAP@0.5:0.95, the front drawn and named."""
+    pts = [r for r in _usable(rows, "gflops") if r["kind"] != "final"]  # "final" repeats an iteration's row
+    fig, axes = _figure(9, 6)
+    ax = axes[0, 0]
+    for kind, colour in KIND_COLOURS.items():
+        sel = [r for r in pts if r["kind"] == kind]
+        if sel:
+            ax.scatter([r["gflops"] for r in sel], [r["map"] for r in sel], color=colour, s=22, alpha=0.7, label=kind)
+    front = [pts[i] for i in pareto_front([(r["gflops"], r["map"]) for r in pts])]
+    if front:
+        ax.plot([r["gflops"] for r in front], [r["map"] for r in front], "-", drawstyle="steps-post", color="red",
+                lw=1.5, label="Pareto front")
+    for r in front:
+        ax.annotate(r["model"], (r["gflops"], r["map"]), xytext=(4, -8), textcoords="offset points", fontsize=6)
+    for r in _usable(rows, "gflops"):
+        if r["kind"] == "final":
+            ax.scatter(r["gflops"], r["map"], label=r["model"], **MARKS["final"])
+    costs = [r["gflops"] for r in pts if r["gflops"] > 0]
+    if costs and max(costs) > 10 * min(costs):
+        ax.set_xscale("log")
+    ax.set(xlabel="GFLOPs", ylabel="mAP@0.5:0.95")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=dpi)
+
+
+def plot_channels(iterations: list[dict[str, Any]], path: Path, dpi: int) -> None:
+    """Output channels of every conv layer before pruning, after pruning and after padding, one panel
+    per iteration (overlaid bars: the narrower bar is the later step)."""
+    its = [it for it in iterations if it.get("widths")]
+    if not its:
+        _message_figure("No per-layer widths recorded (metrics/iterations/iter_<k>.json has no `widths`).", path, dpi)
+        return
+    n_layers = max(len(it["widths"]["before"]) for it in its)
+    fig, axes = _figure(max(9.0, 0.17 * n_layers), 2.4 * len(its) + 1.2, len(its), 1)
+    bars = (("before", 0.85, "0.75", "before prune"), ("padded", 0.55, "C0", "after pad"),
+            ("pruned", 0.3, "C3", "after prune"))
+    for row, (ax, it) in enumerate(zip(axes[:, 0], its, strict=True)):
+        w = it["widths"]
+        names, x = list(w["before"]), np.arange(len(w["before"]))
+        for key, width, colour, label in bars:
+            ax.bar(x, [w[key].get(n, 0) for n in names], width, color=colour, label=label)
+        totals = " -> ".join(f"{sum(w[key].values()):,}" for key in ("before", "pruned", "padded"))
+        ax.set_title(f"iteration {it['iteration']}: {totals} channels (before -> pruned -> padded)", fontsize=9)
+        ax.set_xticks(x, names if row == len(its) - 1 else [""] * len(names), rotation=90, fontsize=5)
+        ax.set_xlim(-0.6, len(x) - 0.4)
+        ax.set_ylabel("out channels")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0, 0].legend(fontsize=7, loc="upper left")
+    fig.savefig(path, dpi=dpi)
+
+
+def plot_imgsz_sweep(sweep: list[dict[str, Any]], path: Path, dpi: int) -> None:
+    """mAP (solid: @0.5:0.95, dashed: @0.5) and ONNX Runtime latency against input size, one line per model."""
+    if not sweep:
+        _message_figure("No input-size sweep recorded (metrics/imgsz_sweep.json is missing or empty).", path, dpi)
+        return
+    fig, axes = _figure(12, 4.5, 1, 2)
+    for n, model in enumerate(dict.fromkeys(r["model"] for r in sweep)):
+        sel = sorted((r for r in sweep if r["model"] == model), key=lambda r: r["imgsz"])
+        x, colour = [r["imgsz"] for r in sel], f"C{n % 10}"
+        axes[0, 0].plot(x, [r["map"] for r in sel], "o-", color=colour, label=f"{model} mAP@0.5:0.95")
+        axes[0, 0].plot(x, [r["map50"] for r in sel], "s--", color=colour, label=f"{model} mAP@0.5")
+        axes[0, 1].plot(x, [r["latency_ms"] for r in sel], "o-", color=colour, label=model)
+    sizes = sorted({r["imgsz"] for r in sweep})
+    for ax, label in zip(axes[0], ("mAP", "latency ms (ONNX Runtime CPU)"), strict=True):
+        ax.set(xlabel="input size (px)", ylabel=label, xticks=sizes)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.savefig(path, dpi=dpi)
+
+
+# ---- the gallery -------------------------------------------------------------------------------
+
+GALLERY_STYLES = {"missed": dict(color="magenta", lw=3.0, ls="-", label="GT missed by final"),
+                  "gt": dict(color="lime", lw=1.5, ls="-", label="ground truth"),
+                  "baseline": dict(color="dodgerblue", lw=1.2, ls="--", label="baseline"),
+                  "final": dict(color="red", lw=1.0, ls="-", label="final")}
+
+
+@dataclass(frozen=True)
+class GalleryItem:
+    """One val image; boxes are ``(n, 4)`` xyxy original-image px, detections those at the operating point."""
+
+    image: Path
+    gt: np.ndarray
+    baseline: np.ndarray
+    final: np.ndarray
+    missed: np.ndarray  # ground truth the baseline finds and the final model does not
+
+
+def matched_gt(det: dict[str, Any], gt_boxes: np.ndarray, gt_labels: np.ndarray, eval_params: EvalParams) -> np.ndarray:
+    """Which ground-truth boxes a model finds at the operating point (bool ``(G,)``).
+
+    Detections scoring at least ``op_conf``, best first, each take the best free box of their class
+    with IoU at least ``op_iou``: the rule behind the ``missed`` count of :mod:`slimloop.evaluate`.
+    """
+    import torch
+    from torchvision.ops import box_iou
+
+    keep = det["scores"] >= eval_params.op_conf
+    order = np.argsort(-det["scores"][keep], kind="stable")
+    boxes, labels = det["boxes"][keep][order], det["labels"][keep][order]
+    found = np.zeros(len(gt_boxes), dtype=bool)
+    if len(boxes) == 0 or len(gt_boxes) == 0:
+        return found
+    iou = box_iou(torch.as_tensor(boxes, dtype=torch.float64), torch.as_tensor(gt_boxes, dtype=torch.float64))
+    for row, label in zip(iou.numpy(), labels, strict=True):  # row: (G,)
+        cand = np.where(~found & (gt_labels == label) & (row >= eval_params.op_iou), row, -1.0)
+        best = int(cand.argmax())
+        if cand[best] >= 0:
+            found[best] = True
+    return found
+
+
+def _confident(det: dict[str, Any], eval_params: EvalParams) -> np.ndarray:
+    return det["boxes"][det["scores"] >= eval_params.op_conf].reshape(-1, 4)
+
+
+def regressions(samples: Sequence[Any], folder: Path, baseline: dict[int, dict[str, Any]],
+                final: dict[int, dict[str, Any]], eval_params: EvalParams, limit: int) -> list[GalleryItem]:
+    """The ``limit`` images with the most ground-truth boxes the baseline finds and the final model misses.
+
+    Args:
+        samples: the split's ``Sample`` list (image id ``i + 1`` is ``samples[i]``).
+        folder: the split's image folder.
+        baseline: per image id, the baseline's detections as :func:`slimloop.evaluate.predict` returns them.
+        final: the same for the final model.
+        eval_params: ``op_conf`` and ``op_iou``.
+        limit: most images returned (ties keep file order).
+    """
+    empty = {"boxes": np.zeros((0, 4)), "scores": np.zeros(0), "labels": np.zeros(0, np.int64)}
+    items = []
+    for image_id, s in enumerate(samples, start=1):
+        b, f = baseline.get(image_id, empty), final.get(image_id, empty)
+        lost = matched_gt(b, s.boxes, s.labels, eval_params) & ~matched_gt(f, s.boxes, s.labels, eval_params)
+        if lost.any():
+            items.append(GalleryItem(Path(folder) / s.file_name, s.boxes, _confident(b, eval_params),
+                                     _confident(f, eval_params), s.boxes[lost]))
+    items.sort(key=lambda item: -len(item.missed))
+    return items[:limit]
+
+
+def _predict(ckpt: Path, root: Path, imgsz: int, eval_params: EvalParams, progress: bool) -> dict[int, dict[str, Any]]:
+    from slimloop.checkpoint import load_model
+    from slimloop.data.dataset import DetectionDataset, make_loader
+    from slimloop.evaluate import predict
+
+    model = load_model(ckpt).eval()
+    loader = make_loader(DetectionDataset(root, "val", imgsz), 16, shuffle=False, workers=0, seed=0)
+    return {d["image_id"]: d for d in predict(model, loader, "cpu", eval_params, progress=progress)}
+
+
+def find_regressions(checkpoints: tuple[Path, Path], inputs: ReportInputs, data_root: Path,
+                     eval_params: EvalParams, limit: int, progress: bool = False) -> list[GalleryItem]:
+    """Predict the val split with the baseline and the final model (each at the size its record was
+    measured at, on the CPU) and return :func:`regressions`."""
+    from slimloop.data.canonical import image_dir, read_split
+
+    baseline_ckpt, final_ckpt = checkpoints
+    b = _predict(baseline_ckpt, data_root, int(inputs.baseline["imgsz"]), eval_params, progress)
+    f = _predict(final_ckpt, data_root, int(inputs.final["record"]["imgsz"]), eval_params, progress)
+    return regressions(read_split(data_root, "val").samples, image_dir(data_root, "val"), b, f, eval_params, limit)
+
+
+def plot_gallery(items: list[GalleryItem] | None, eval_params: EvalParams, path: Path, dpi: int) -> None:
+    """Each image with ground truth, baseline and final boxes; a figure that says so when there is none.
+
+    ``items`` None means the gallery is switched off (``report.gallery`` is 0).
+    """
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Rectangle
+
+    from slimloop.data.dataset import decode_image
+
+    point = f"IoU >= {eval_params.op_iou:g} at confidence >= {eval_params.op_conf:g}"
+    if items is None:
+        _message_figure("The gallery is switched off (report.gallery is 0).", path, dpi)
+        return
+    if not items:
+        _message_figure(f"The final model misses no ground-truth box the baseline finds\n({point}, val split).",
+                        path, dpi)
+        return
+    cols = min(4, len(items))
+    fig, axes = _figure(3.3 * cols, 3.3 * math.ceil(len(items) / cols) + 0.6, math.ceil(len(items) / cols), cols)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, item in zip(axes.flat, items, strict=False):  # the last row may have spare axes
+        ax.imshow(decode_image(item.image))
+        for key, style in GALLERY_STYLES.items():
+            kw = {k: v for k, v in style.items() if k != "label"}
+            for x1, y1, x2, y2 in getattr(item, key):
+                ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, **kw))
+        ax.set_title(f"{item.image.name}: {len(item.missed)} missed", fontsize=8)
+    handles = [Line2D([], [], **style) for style in GALLERY_STYLES.values()]
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8)
+    fig.suptitle(f"Ground truth the baseline finds and the final model misses ({point})", fontsize=10)
+    fig.savefig(path, dpi=dpi)

@@ -1,0 +1,177 @@
+"""`dvc repro` end to end on the tiny profile, in a temporary git repository.
+
+One module-scoped project runs the whole pipeline once; the tests then check what a user relies
+on: a no-op rerun, a report-only change, `dvc metrics diff` between commits, the step cache across
+`dvc repro` runs, a killed run that completes when run again, and metrics reproduced on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SKIP = ("metrics/", "plots/", "reports/", "models/", "data/prepared", "dvc.lock")
+STAGES = ("prepare", "baseline", "compress", "control", "report")
+# what must come out the same when a stage runs again on CPU (latency is a timing, not a result)
+STABLE = ("map50", "map", "precision", "recall", "missed", "params", "gflops", "size_mb")
+
+pytestmark = pytest.mark.slow
+
+
+def _copy_project(dest: Path) -> None:
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.splitlines()
+    for name in files:
+        src = ROOT / name
+        if name.startswith(SKIP) or not src.is_file():
+            continue
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        (dest / name).write_bytes(src.read_bytes())
+    (dest / "params.yaml").write_bytes((ROOT / "profiles" / "tiny.yaml").read_bytes())
+
+
+class Project:
+    """A temporary git + DVC project on the tiny profile, with its own step store."""
+
+    def __init__(self, root: Path, store: Path):
+        self.root, self.store = root, store
+        venv_bin = str(Path(sys.executable).parent)
+        self.env = {**os.environ, "PATH": f"{venv_bin}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+                    "PYTHONPATH": f"{root / 'src'}:{root}", "SLIMLOOP_CACHE": str(store),
+                    "DO_NOT_TRACK": "1", "DVC_NO_ANALYTICS": "1", "MPLBACKEND": "Agg",
+                    "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "GIT_AUTHOR_NAME": "t",
+                    "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t",
+                    "GIT_COMMITTER_EMAIL": "t@example.com"}
+
+    def run(self, *args: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
+        out = subprocess.run(list(args), cwd=self.root, env=self.env, capture_output=True, text=True,
+                             timeout=timeout)
+        if check and out.returncode != 0:
+            raise AssertionError(f"{' '.join(args)} exited {out.returncode}:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+        return out
+
+    def dvc(self, *args: str, **kw) -> subprocess.CompletedProcess:
+        return self.run(sys.executable, "-m", "dvc", *args, **kw)
+
+    def commit(self, message: str) -> str:
+        self.run("git", "add", "-A")
+        self.run("git", "commit", "-qm", message)
+        return self.run("git", "rev-parse", "HEAD").stdout.strip()
+
+    def set_param(self, section: str, key: str, value) -> None:
+        params = yaml.safe_load((self.root / "params.yaml").read_text())
+        params[section][key] = value
+        (self.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    def metrics(self, name: str) -> dict:
+        return json.loads((self.root / "metrics" / name).read_text())
+
+    def entries(self) -> set[str]:
+        return {p.name for p in self.store.iterdir() if p.is_dir() and p.name not in ("results", "work")}
+
+
+def ran(out: subprocess.CompletedProcess) -> set[str]:
+    return {s for s in STAGES if f"Running stage '{s}'" in out.stdout}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Project:
+    root = tmp_path_factory.mktemp("repo")
+    _copy_project(root)
+    proj = Project(root, tmp_path_factory.mktemp("store"))
+    proj.run("git", "init", "-q")
+    proj.commit("tiny project")
+    started = time.perf_counter()
+    out = proj.dvc("repro")
+    proj.first_run = out
+    proj.first_seconds = time.perf_counter() - started
+    proj.first_commit = proj.commit("first run")
+    return proj
+
+
+def test_repro_runs_every_stage_and_writes_every_metric(project):
+    assert ran(project.first_run) == set(STAGES)
+    for name in ("baseline.json", "final.json", "control.json", "imgsz_sweep.json", "iterations/iter_1.json"):
+        assert (project.root / "metrics" / name).is_file(), name
+    assert (project.root / "reports" / "summary.md").is_file()
+    shown = project.dvc("metrics", "show").stdout
+    assert "metrics/baseline.json" in shown and "metrics/control.json" in shown
+
+
+def test_second_repro_is_a_noop(project):
+    started = time.perf_counter()
+    out = project.dvc("repro")
+    assert ran(out) == set()
+    assert time.perf_counter() - started < 30
+
+
+def test_report_only_change_reruns_only_report(project):
+    project.set_param("report", "dpi", 61)
+    out = project.dvc("repro")
+    assert ran(out) == {"report"}
+    project.commit("report dpi")
+
+
+def test_step_change_reuses_cached_steps_and_metrics_diff_shows_it(project):
+    before = project.entries()
+    project.set_param("compress", "step_ratio", 0.5)
+    out = project.dvc("repro")
+    assert ran(out) == {"compress", "control", "report"}
+    new = project.entries() - before
+    names = [json.loads((project.store / k / "step.json").read_text())["name"] for k in new]
+    # iteration 1's sparse training does not read step_ratio: served from the store; iteration 2's
+    # starts from a different model, so it runs again, as does every prune
+    assert names.count("sparse_train") == 1 and names.count("prune") == 2
+    diff = project.dvc("metrics", "diff", "HEAD", "--all").stdout
+    assert "metrics/iterations/iter_1.json" in diff
+    project.commit("step ratio 0.5")
+
+
+def test_killed_repro_completes_and_keeps_finished_steps(project):
+    project.set_param("distill", "feature", 0.5)  # reruns retrain (joint distill) onwards
+    before = project.entries()
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=project.root, env=project.env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        done = [k for k in project.entries() - before if (project.store / k / "step.json").exists()]
+        if done:
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = {k for k in project.entries() - before if (project.store / k / "step.json").exists()}
+    assert finished
+    stamps = {k: (project.store / k / "step.json").stat().st_mtime_ns for k in finished}
+    out = project.dvc("repro")
+    assert "compress" in ran(out)
+    assert all((project.store / k / "step.json").stat().st_mtime_ns == stamps[k] for k in finished)  # served
+    assert project.metrics("final.json")["iterations_run"] >= 1
+    project.commit("distill feature 0.5")
+
+
+def test_rerun_on_cpu_reproduces_the_metrics(project):
+    """`dvc repro --force` of the loop with an empty step store gives the committed numbers again."""
+    committed = project.metrics("final.json")["record"]
+    iteration = project.metrics("iterations/iter_1.json")["steps"]
+    project.env["SLIMLOOP_CACHE"] = str(project.store.parent / "fresh-store")
+    try:
+        project.dvc("repro", "--force", "--single-item", "compress")
+    finally:
+        project.env["SLIMLOOP_CACHE"] = str(project.store)
+    again = project.metrics("final.json")["record"]
+    assert {k: again[k] for k in STABLE} == {k: committed[k] for k in STABLE}
+    steps = project.metrics("iterations/iter_1.json")["steps"]
+    for step, rec in iteration.items():
+        if rec is not None:
+            assert {k: steps[step][k] for k in STABLE} == {k: rec[k] for k in STABLE}, step

@@ -1,0 +1,264 @@
+"""The report stage: table rows and formatting, Pareto front, plots, gallery, missing inputs, artifacts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from slimloop.config import DataParams, EvalParams, Params, ReportParams
+from slimloop.errors import ConfigError
+from slimloop.report import (
+    PLOTS,
+    comparison_rows,
+    load_inputs,
+    pareto_front,
+    significant,
+    summary_markdown,
+    write_report,
+)
+from slimloop.report_plots import plot_gallery, regressions
+
+ROOT = Path(__file__).resolve().parents[1]
+EVAL = EvalParams(op_conf=0.25, op_iou=0.5)
+
+
+def rec(map50: float, mAP: float, gflops: float, params: int = 1_234_567, latency: float = 10.0,
+        imgsz: int = 128, step: str | None = None) -> dict:
+    """A metric record as slimloop.measure writes it."""
+    return {"step": step, "map50": map50, "map": mAP, "precision": 0.9, "recall": 0.8, "missed": 3,
+            "params": params, "size_mb": 1.0, "gflops": gflops, "imgsz": imgsz, "latency_ms": latency,
+            "latency_torch_ms": 2 * latency, "threads": 2, "split": "val", "per_class": {}}
+
+
+WIDTHS = {"before": {"layers.0": 16, "layers.1": 32, "layers.2.cv1": 16},
+          "pruned": {"layers.0": 11, "layers.1": 20, "layers.2.cv1": 3},
+          "padded": {"layers.0": 16, "layers.1": 24, "layers.2.cv1": 8}}
+BASELINE = {**rec(0.950, 0.700, 4.2, params=1_765_432, latency=20.0), "device": "cpu", "epochs": 30}
+ITER_1 = {"iteration": 1, "final_step": "distilled", "accepted": True, "map_drop": -0.005, "epochs": 12,
+          "kept_fraction": 0.6, "checkpoint": "/store/a/best.safetensors", "widths": WIDTHS, "gamma_histogram": [],
+          "steps": {"sparse": rec(0.940, 0.690, 4.2, step="sparse"),
+                    "pruned": rec(0.800, 0.500, 2.1, step="pruned"),
+                    "padded": rec(0.820, 0.520, 2.3, step="padded"),
+                    "retrained": rec(0.945, 0.690, 2.3, step="retrained"),
+                    "distilled": rec(0.962, 0.705, 2.3, latency=12.5, step="distilled")}}
+ITER_2 = {"iteration": 2, "final_step": "retrained", "accepted": False, "map_drop": 0.1, "epochs": 8,
+          "kept_fraction": 0.3, "checkpoint": "/store/b/best.safetensors", "widths": WIDTHS, "gamma_histogram": [],
+          "steps": {"sparse": rec(0.950, 0.700, 2.3, step="sparse"),
+                    "pruned": rec(0.500, 0.300, 1.0, step="pruned"),
+                    "padded": rec(0.520, 0.310, 1.1, step="padded"),
+                    "retrained": rec(0.700, 0.600, 1.1, step="retrained"),
+                    "distilled": None}}
+FINAL = {"final_iteration": 1, "reason": "tolerance_exceeded", "accepted": [1], "iterations_run": 2,
+         "checkpoint": "/store/a/best.safetensors", "epochs_to_final": 12, "epochs_total": 20, "map_drop": -0.005,
+         "record": ITER_1["steps"]["distilled"], "baseline": BASELINE}
+CONTROL = {"enabled": True, **rec(0.931, 0.650, 2.25, params=400_000), "width_multiple": 0.1875,
+           "target_gflops": 2.3, "fits": True, "epochs": 42, "checkpoint": "models/control/best.safetensors"}
+SWEEP = [{"model": m, **rec(a50, a, g, imgsz=s, latency=lat), "missed_per_class": {}}
+         for m, a50, a, g, s, lat in [("baseline", 0.950, 0.700, 4.2, 128, 20.0), ("baseline", 0.900, 0.600, 2.4, 96, 11.0),
+                                      ("final", 0.962, 0.705, 2.3, 128, 12.5), ("final", 0.880, 0.590, 1.3, 96, 7.0)]]
+
+
+def write_metrics(root: Path, control: dict | None = CONTROL, final: dict | None = FINAL) -> Path:
+    """The metrics folder the earlier stages would leave (2 iterations, a control, a sweep)."""
+    (root / "iterations").mkdir(parents=True)
+    (root / "baseline.json").write_text(json.dumps(BASELINE))
+    for it in (ITER_1, ITER_2):
+        (root / "iterations" / f"iter_{it['iteration']}.json").write_text(json.dumps(it))
+    if final is not None:
+        (root / "final.json").write_text(json.dumps(final))
+    if control is not None:
+        (root / "control.json").write_text(json.dumps(control))
+    (root / "imgsz_sweep.json").write_text(json.dumps({"rows": SWEEP}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory, tiny_spec) -> Path:
+    """Tiny random-weight baseline and final checkpoints where the report stage looks for them."""
+    from slimloop.checkpoint import save_checkpoint
+    from slimloop.model import build_model
+
+    root = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    save_checkpoint(root / "baseline" / "best.safetensors", build_model(tiny_spec), {"step": "baseline"})
+    save_checkpoint(root / "compressed" / "final.safetensors", build_model(tiny_spec), {"step": "final"})
+    return root
+
+
+def checkpoints(models_dir: Path) -> tuple[Path, Path]:
+    return models_dir / "baseline" / "best.safetensors", models_dir / "compressed" / "final.safetensors"
+
+
+def table_lines(markdown: str) -> list[str]:
+    return [line for line in markdown.splitlines() if line.startswith("| ") and not set(line) <= set("|:- ")]
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory, models_dir, tiny_data):
+    """One report over the fake metrics, written over a folder that holds a stale file."""
+    root = tmp_path_factory.mktemp("report")
+    out = root / "reports"
+    out.mkdir()
+    (out / "stale.png").write_bytes(b"old")  # the folder is replaced as a whole
+    inputs = load_inputs(write_metrics(root / "metrics"))
+    report = write_report(inputs, out, ReportParams(gallery=2, dpi=50), EVAL, tiny_data, checkpoints(models_dir))
+    return out, report
+
+
+def test_summary_rows_in_order_with_formatted_numbers(written):
+    out, report = written
+    text = (out / "summary.md").read_text()
+    assert text == report.markdown
+    lines = table_lines(text)
+    assert lines[0] == ("| index | model | mAP@0.5 | Δ mAP@0.5 vs baseline | mAP@0.5:0.95 | size MB | "
+                        "latency ms (ONNX Runtime CPU) | GFLOPs | params |")
+    models = [line.split(" | ")[1] for line in lines[1:]]
+    assert models == ["baseline", "iter 1 pruned", "iter 1 padded", "iter 1 retrained", "iter 1 distilled",
+                      "iter 2 pruned (rolled back)", "iter 2 padded (rolled back)", "iter 2 retrained (rolled back)",
+                      "final (iteration 1)", "control (width x0.188)",
+                      "baseline @ 128", "baseline @ 96", "final @ 128", "final @ 96"]
+    assert "| 0 | baseline | 0.950 | +0.000 | 0.700 | 1.00 | 20.00 | 4.20 | 1,765,432 |" in lines
+    assert "| 1 | iter 1 pruned | 0.800 | -0.150 | 0.500 | 1.00 | 10.00 | 2.10 | 1,234,567 |" in lines
+    assert "| 4 | iter 1 distilled | 0.962 | +0.012 | 0.705 | 1.00 | 12.50 | 2.30 | 1,234,567 |" in lines
+    assert "| 8 | final (iteration 1) | 0.962 | +0.012 | 0.705 | 1.00 | 12.50 | 2.30 | 1,234,567 |" in lines
+    assert "| 9 | control (width x0.188) | 0.931 | -0.019 | 0.650 | 1.00 | 10.00 | 2.25 | 400,000 |" in lines
+    assert "| 13 | final @ 96 | 0.880 | -0.070 | 0.590 | 1.00 | 7.00 | 1.30 | 1,234,567 |" in lines
+    assert "tolerance_exceeded" in text and "**iteration 1**" in text
+    assert "2 thread(s)" in text and "device `cpu`" in text
+    assert "beats it" in text and "(+0.055)" in text  # final 0.705 vs control 0.650
+    for name in PLOTS:
+        assert f"]({name})" in text
+    assert report.table[4]["Δ mAP@0.5 vs baseline"] == "+0.012"
+
+
+def test_every_png_is_a_valid_image_and_nothing_else_is_written(written):
+    out, _ = written
+    assert sorted(p.name for p in out.iterdir()) == sorted(["summary.md", *PLOTS])
+    for name in PLOTS:
+        with Image.open(out / name) as img:
+            assert img.format == "PNG" and img.width > 100 and img.height > 100
+            img.verify()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".reports")]
+
+
+def test_missing_control_file_gives_a_report_that_says_so(tmp_path):
+    inputs = load_inputs(write_metrics(tmp_path / "metrics", control=None))
+    assert inputs.control is None
+    report = write_report(inputs, tmp_path / "reports", ReportParams(gallery=0, dpi=50), EVAL, tmp_path,
+                          (tmp_path / "absent", tmp_path / "absent"))  # gallery 0: no model is loaded
+    assert "The control was not run" in report.markdown and "control.json does not exist" in report.markdown
+    assert not any(row["kind"] == "control" for row in report.rows)
+    assert (tmp_path / "reports" / "gallery.png").exists()
+
+
+def test_disabled_control_is_said(tmp_path):
+    inputs = load_inputs(write_metrics(tmp_path / "metrics", control={"enabled": False}))
+    rows = comparison_rows(inputs)
+    text = summary_markdown(inputs, rows, "")
+    assert inputs.control is None and "The control was not run: `control.enabled` is false." in text
+    assert [row["kind"] for row in rows].count("control") == 0
+
+
+@pytest.mark.parametrize("missing", ["final.json", "baseline.json"])
+def test_missing_required_input_names_the_file(tmp_path, missing):
+    metrics = write_metrics(tmp_path / "metrics")
+    (metrics / missing).unlink()
+    with pytest.raises(ConfigError, match=missing):
+        load_inputs(metrics)
+
+
+def test_loop_reference_row_when_the_loop_measured_at_another_size(tmp_path):
+    final = {**FINAL, "baseline": {**BASELINE, "imgsz": 96, "map50": 0.9}}
+    rows = comparison_rows(load_inputs(write_metrics(tmp_path / "m", final=final)))
+    assert rows[1]["model"] == "baseline @ 96 (loop reference)"
+    assert rows[1]["delta_map50"] == pytest.approx(-0.05)
+
+
+def test_pareto_front_on_hand_made_points():
+    points = [(4.0, 0.70),  # 0: front (most accurate)
+              (2.0, 0.65),  # 1: front
+              (2.5, 0.60),  # 2: dominated by 1
+              (1.0, 0.40),  # 3: front (cheapest)
+              (2.0, 0.62),  # 4: same cost as 1, less accurate
+              (3.0, 0.65),  # 5: same accuracy as 1, costlier
+              (1.0, 0.40),  # 6: duplicate of 3: only the first is kept
+              (5.0, 0.70)]  # 7: dominated by 0
+    assert pareto_front(points) == [3, 1, 0]
+    assert pareto_front([]) == []
+    assert pareto_front([(1.0, 0.5)]) == [0]
+
+
+@pytest.mark.parametrize("value, text", [(17.5, "17.5"), (3.2, "3.20"), (0.04123, "0.0412"), (1234.5, "1,230"),
+                                         (9.996, "10.0"), (0, "0")])
+def test_significant_digits(value, text):
+    assert significant(value) == text
+
+
+def _dets(boxes: list[list[float]], scores: list[float], labels: list[int]) -> dict:
+    return {"boxes": np.array(boxes, np.float64).reshape(-1, 4), "scores": np.array(scores), "labels": np.array(labels)}
+
+
+def test_gallery_keeps_images_where_final_misses_what_baseline_found(tmp_path, tiny_data):
+    from slimloop.data.canonical import image_dir, read_split
+
+    samples = read_split(tiny_data, "val").samples
+    two = [i for i, s in enumerate(samples) if len(s.boxes) == 2][:2]
+    one = [i for i, s in enumerate(samples) if len(s.boxes) == 1][:1]
+    assert len(two) == 2 and len(one) == 1, "tiny_data changed: pick other images"
+
+    def found(i: int, keep=slice(None), score: float = 0.9, flip: bool = False) -> dict:
+        s = samples[i]
+        labels = (1 - s.labels) if flip else s.labels  # the other class of two
+        return _dets(s.boxes[keep].tolist(), [score] * len(s.boxes[keep]), labels[keep].tolist())
+
+    baseline = {i + 1: found(i) for i in range(len(samples))}
+    final = dict(baseline)
+    final[two[0] + 1] = found(two[0], flip=True)  # wrong class: both boxes missed
+    final[one[0] + 1] = found(one[0], score=0.2)  # below op_conf (0.25): missed
+    final[two[1] + 1] = found(two[1], keep=slice(0, 1))  # finds the first box only
+    folder = image_dir(tiny_data, "val")
+    items = regressions(samples, folder, baseline, final, EVAL, limit=8)
+    by_missed = [two[0], *sorted([one[0], two[1]])]  # most missed first, ties in file order
+    assert [item.image.name for item in items] == [samples[i].file_name for i in by_missed]
+    assert [len(item.missed) for item in items] == [2, 1, 1]
+    by_name = {item.image.name: item for item in items}
+    np.testing.assert_allclose(by_name[samples[two[1]].file_name].missed, samples[two[1]].boxes[1:])
+    assert len(by_name[samples[two[0]].file_name].final) == 2  # drawn although the class is wrong
+    assert len(by_name[samples[one[0]].file_name].final) == 0  # below op_conf: not drawn
+    assert [i.image.name for i in regressions(samples, folder, baseline, final, EVAL, limit=2)] == \
+        [samples[i].file_name for i in by_missed[:2]]
+    assert regressions(samples, folder, baseline, baseline, EVAL, limit=8) == []
+    plot_gallery(items, EVAL, tmp_path / "gallery.png", dpi=50)
+    with Image.open(tmp_path / "gallery.png") as img:
+        img.verify()
+
+
+def test_publish_artifacts_is_false_outside_a_flow_run():
+    from flows.report import publish_artifacts
+
+    assert publish_artifacts([{"model": "baseline"}], "# report") is False
+
+
+def test_report_flow_fn_writes_the_folder(tmp_path, models_dir, tiny_data):
+    from flows.report import report_flow
+
+    params = Params(data=DataParams(out_dir=str(tiny_data)), eval=EVAL, report=ReportParams(gallery=0, dpi=50))
+    result = report_flow.fn(params, write_metrics(tmp_path / "metrics"), models_dir, tmp_path / "out")
+    assert result["published"] is False and result["rows"] == 14
+    assert (tmp_path / "out" / "summary.md").exists()
+
+
+def test_help_is_truthful():
+    out = subprocess.run([sys.executable, "-m", "flows.report", "--help"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HOME": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    for flag in ("--params", "--quiet", "--metrics-dir", "--models-dir", "--out"):
+        assert flag in out.stdout
+    assert "Stage `report`" in out.stdout.replace("\n", " ")
