@@ -47,8 +47,10 @@ def report_flow(params: Params, metrics_dir: Path = METRICS, models_dir: Path = 
 
     inputs = load_inputs(metrics_dir)
     checkpoints = (models_dir / "baseline" / "best.safetensors", models_dir / "compressed" / "final.safetensors")
+    gammas = sorted((models_dir / "compressed").glob("gamma_iter_*.png"),
+                    key=lambda p: int(p.stem.rsplit("_", 1)[1]))
     report = write_report(inputs, out_dir, params.report, params.eval, Path(params.data.out_dir), checkpoints,
-                          progress=progress)
+                          progress=progress, gamma_plots=gammas)
     published = publish_artifacts(report.table, report.markdown)
     return {"files": [str(p) for p in report.files], "rows": len(report.rows), "published": published}
 

@@ -262,3 +262,19 @@ def test_help_is_truthful():
     for flag in ("--params", "--quiet", "--metrics-dir", "--models-dir", "--out"):
         assert flag in out.stdout
     assert "Stage `report`" in out.stdout.replace("\n", " ")
+
+
+def test_gamma_histograms_are_copied_and_shown(tmp_path):
+    from PIL import Image
+
+    inputs = load_inputs(write_metrics(tmp_path / "metrics", control=None))
+    gammas = []
+    for k in (1, 2):
+        gammas.append(tmp_path / f"gamma_iter_{k}.png")
+        Image.new("RGB", (8, 8), (k, 0, 0)).save(gammas[-1])
+    report = write_report(inputs, tmp_path / "reports", ReportParams(gallery=0, dpi=50), EVAL, tmp_path,
+                          (tmp_path / "a", tmp_path / "b"), gamma_plots=gammas)
+    text = (tmp_path / "reports" / "summary.md").read_text()
+    assert "![gamma_iter_1](gamma_iter_1.png)" in text and "![gamma_iter_2](gamma_iter_2.png)" in text
+    assert (tmp_path / "reports" / "gamma_iter_2.png").read_bytes() == gammas[1].read_bytes()
+    assert tmp_path / "reports" / "gamma_iter_1.png" in report.files

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -261,7 +262,8 @@ class Report:
 
 
 def write_report(inputs: ReportInputs, out_dir: Path, report: ReportParams, eval_params: EvalParams,
-                 data_root: Path, checkpoints: tuple[Path, Path], progress: bool = False) -> Report:
+                 data_root: Path, checkpoints: tuple[Path, Path], progress: bool = False,
+                 gamma_plots: Sequence[Path] = ()) -> Report:
     """Build ``summary.md`` and the PNGs of ``PLOTS`` in a fresh ``out_dir`` (swapped in atomically).
 
     Args:
@@ -272,6 +274,8 @@ def write_report(inputs: ReportInputs, out_dir: Path, report: ReportParams, eval
         data_root: canonical dataset folder (its val split feeds the gallery).
         checkpoints: ``(baseline, final)`` checkpoint files.
         progress: progress bars while predicting for the gallery.
+        gamma_plots: the loop's |gamma| histograms (``gamma_iter_<k>.png``), copied into the
+            report and shown after the other plots.
 
     Raises:
         CheckpointError, DataError: a checkpoint or the val split cannot be read (gallery only).
@@ -288,6 +292,10 @@ def write_report(inputs: ReportInputs, out_dir: Path, report: ReportParams, eval
     rows = comparison_rows(inputs)
     frame = format_table(rows)
     markdown = summary_markdown(inputs, rows, markdown_table(frame))
+    gamma_plots = [Path(p) for p in gamma_plots]
+    if gamma_plots:
+        markdown += "\n### |gamma| during sparse training, per iteration\n\n" + "".join(
+            f"![{p.stem}]({p.name})\n" for p in gamma_plots)
     every = comparison_rows(inputs, ALL_STEPS)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
@@ -299,5 +307,7 @@ def write_report(inputs: ReportInputs, out_dir: Path, report: ReportParams, eval
         items = (find_regressions(checkpoints, inputs, data_root, eval_params, report.gallery, progress)
                  if report.gallery else None)
         plot_gallery(items, eval_params, tmp / "gallery.png", report.dpi)
-    files = [out_dir / "summary.md", *(out_dir / name for name in PLOTS)]
+        for path in gamma_plots:
+            shutil.copyfile(path, tmp / path.name)
+    files = [out_dir / "summary.md", *(out_dir / name for name in PLOTS), *(out_dir / p.name for p in gamma_plots)]
     return Report(rows, frame.to_dict("records"), markdown, files)
