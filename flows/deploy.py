@@ -18,7 +18,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.schedules import CronSchedule
@@ -26,7 +25,7 @@ from prefect.exceptions import MissingContextError
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from flows.common import OFFLINE_ENV, run_entry
-from slimloop.config import StrictModel, format_validation_error
+from slimloop.config import StrictModel, format_validation_error, read_yaml_mapping
 from slimloop.errors import ConfigError, SlimloopError
 
 DEFAULT_CONFIG = Path("deploy.yaml")
@@ -118,16 +117,7 @@ def load_deploy_config(path: str | Path = DEFAULT_CONFIG) -> DeployConfig:
         ConfigError: the file is missing or not YAML, or a key is unknown or invalid (``file:line``).
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read deploy config {path}: {exc.strerror}") from None
-    try:
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: must be a mapping, got {type(raw).__name__}")
+    text, raw = read_yaml_mapping(path, "deploy config")
     try:
         return DeployConfig.model_validate(raw)
     except ValidationError as exc:

@@ -375,17 +375,16 @@ def format_validation_error(
     return "invalid params:\n  " + "\n  ".join(lines)
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate a params file.
+def read_yaml_mapping(path: Path, what: str) -> tuple[str, dict[str, Any]]:
+    """The text of the YAML file ``path`` and its top-level mapping; ``what`` names it in errors.
 
     Raises:
-        ConfigError: the file is missing, not YAML, or a key is unknown or out of range.
+        ConfigError: the file is missing, unreadable, not UTF-8, not YAML, or not a mapping.
     """
-    path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"cannot read params file {path}: {exc.strerror}") from None
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a text file (not UTF-8)") from None
     try:
@@ -393,7 +392,18 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: must be a mapping of sections, got {type(raw).__name__}")
+        raise ConfigError(f"{path}: must be a mapping, got {type(raw).__name__}")
+    return text, raw
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file.
+
+    Raises:
+        ConfigError: the file is missing, not YAML, or a key is unknown or out of range.
+    """
+    path = Path(path)
+    text, raw = read_yaml_mapping(path, "params file")
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
