@@ -102,3 +102,29 @@ def test_curves_are_logged_in_a_git_repo_without_commits(tmp_path, monkeypatch):
     live.next_step()
     live.end()
     assert "loss" in (tmp_path / "run" / "live" / "metrics.json").read_text()
+
+
+def test_a_finished_run_is_not_resumed_for_another_model_or_dataset(tiny_data, tiny_spec, tmp_path):
+    """`models/baseline` persists between `dvc repro` runs: a finished run there must only be
+    returned for the same starting weights and the same data, never for a changed model or dataset."""
+    import shutil
+
+    from conftest import TINY_EVAL, tiny_train_params
+    from slimloop.model import build_model
+    from slimloop.train import run_identity, seed_everything, train
+
+    params = tiny_train_params(epochs=1)
+    seed_everything(0)
+    model = build_model(tiny_spec)
+    same = run_identity(model, tiny_data)
+    assert run_identity(model, tiny_data) == same
+    seed_everything(1)
+    assert run_identity(build_model(tiny_spec), tiny_data)["init"] != same["init"]
+    other = tmp_path / "other"
+    shutil.copytree(tiny_data, other)
+    (other / "val.json").write_text((other / "val.json").read_text().replace('"qrcode"', '"qr"'))
+    assert run_identity(model, other)["data"] != same["data"]
+    first = train(model, tiny_data, params, TINY_EVAL, tmp_path / "run", progress=False)
+    stamp = first.last.stat().st_mtime_ns
+    train(build_model(tiny_spec), other, params, TINY_EVAL, tmp_path / "run", progress=False)
+    assert first.last.stat().st_mtime_ns != stamp  # trained again, not handed the old run

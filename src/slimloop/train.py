@@ -85,6 +85,30 @@ def params_fingerprint(params: TrainParams, extra: dict[str, Any] | None = None)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def run_identity(model: nn.Module, data_root: str | Path) -> dict[str, str]:
+    """What else a resume must match besides the params: the starting weights (and so the spec) and
+    the dataset (annotation files by content, images by name and size).
+
+    Without it a persisted run folder (``models/baseline`` is a DVC ``persist`` out) would resume a
+    finished run of another model or another dataset under the same params, and return it.
+    """
+    weights = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        weights.update(key.encode())
+        weights.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    data = hashlib.sha256()
+    root = Path(data_root)
+    for split in ("train", "val"):
+        ann = root / f"{split}.json"
+        if ann.exists():
+            data.update(ann.read_bytes())
+        images = root / "images" / split
+        if images.is_dir():
+            for f in sorted(images.iterdir()):
+                data.update(f"{f.name}:{f.stat().st_size}".encode())
+    return {"init": weights.hexdigest()[:16], "data": data.hexdigest()[:16]}
+
+
 class _Run:
     """State of one training run; methods are the steps of :func:`train`."""
 
@@ -273,8 +297,9 @@ def train(
     hooks = hooks or TrainHooks()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    identity = run_identity(model, data_root)  # before _Run touches the model
     run = _Run(model, data_root, params, eval_params, out_dir, hooks, progress)
-    fingerprint = params_fingerprint(params, {"meta": meta or {}})
+    fingerprint = params_fingerprint(params, {"meta": meta or {}, **identity})
     state_path, last, best = out_dir / "last.state.safetensors", out_dir / "last.safetensors", out_dir / "best.safetensors"
     for target in (state_path, last, best):  # temporaries of a write a crash (SIGKILL) interrupted
         for stale in out_dir.glob(f".{target.name}.*.tmp"):
