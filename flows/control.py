@@ -3,25 +3,17 @@ with the same epoch budget as the baseline plus the loop, measured like every ot
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from prefect import flow
 
 from flows.common import base_parser, run_entry
 from slimloop.config import Params, load_params
-from slimloop.errors import ConfigError
-from slimloop.io import write_json_atomic
+from slimloop.io import read_stage_json, write_json_atomic
 
 BASELINE = Path("models/baseline")
 OUT = Path("models/control")
 METRICS = Path("metrics")
-
-
-def _read(path: Path, stage: str) -> dict:
-    if not path.exists():
-        raise ConfigError(f"{path} does not exist: run the {stage} stage first (dvc repro {stage})")
-    return json.loads(path.read_text())
 
 
 def control_epochs(params: Params, final: dict) -> int:
@@ -42,7 +34,7 @@ def control_flow(params: Params, baseline_dir: Path = BASELINE, out_dir: Path = 
         record = {"enabled": False}
         write_json_atomic(metrics, record)
         return record
-    final = _read(metrics_dir / "final.json", "compress")
+    final = read_stage_json(metrics_dir / "final.json", "compress")
     target = float(final["record"]["gflops"])
     imgsz = int(final["record"].get("imgsz") or params.compress.imgsz or params.train.imgsz)
     record = train_control(baseline_dir / "best.safetensors", target, imgsz, params, control_epochs(params, final),

@@ -25,8 +25,9 @@ from prefect.exceptions import MissingContextError
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from flows.common import OFFLINE_ENV, run_entry
-from slimloop.config import StrictModel, format_validation_error, read_yaml_mapping
-from slimloop.errors import ConfigError, SlimloopError
+from slimloop.config import StrictModel
+from slimloop.errors import SlimloopError
+from slimloop.yamlfile import load_yaml_model
 
 DEFAULT_CONFIG = Path("deploy.yaml")
 FLOW_NAME = "nightly"
@@ -116,14 +117,7 @@ def load_deploy_config(path: str | Path = DEFAULT_CONFIG) -> DeployConfig:
     Raises:
         ConfigError: the file is missing or not YAML, or a key is unknown or invalid (``file:line``).
     """
-    path = Path(path)
-    text, raw = read_yaml_mapping(path, "deploy config")
-    try:
-        return DeployConfig.model_validate(raw)
-    except ValidationError as exc:
-        lines = format_validation_error(exc, str(path), text, DeployConfig)
-        # The shared formatter heads its lines "invalid params:"; this file is not params.yaml.
-        raise ConfigError("invalid deploy config:" + lines.partition(":")[2]) from None
+    return load_yaml_model(path, DeployConfig, "deploy config", "deploy config")
 
 
 def workdir_of(cfg: DeployConfig, config_path: str | Path) -> Path:

@@ -6,19 +6,17 @@ from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
-from slimloop.errors import ConfigError
+from slimloop.yamlfile import load_yaml_model
 
 STRIDE = 32  # largest YOLOv5 stride: input sizes must be multiples of it
 
@@ -287,23 +285,6 @@ class ReportParams(StrictModel):
     dpi: int = Field(110, ge=50, le=400, description="resolution of the PNG plots")
 
 
-SECTIONS: dict[str, type[StrictModel]] = {
-    "data": DataParams,
-    "model": ModelParams,
-    "train": TrainParams,
-    "eval": EvalParams,
-    "sparse": SparseParams,
-    "prune": PruneParams,
-    "pad": PadParams,
-    "retrain": RetrainParams,
-    "distill": DistillParams,
-    "compress": CompressParams,
-    "target": TargetParams,
-    "control": ControlParams,
-    "report": ReportParams,
-}
-
-
 class Params(StrictModel):
     """All of params.yaml."""
 
@@ -322,92 +303,13 @@ class Params(StrictModel):
     report: ReportParams = ReportParams()
 
 
-def _key_line(text: str, loc: tuple[Any, ...]) -> int | None:
-    """Line (1-based) of the YAML node at ``loc`` in ``text``, or of its deepest existing parent."""
-    try:
-        node = yaml.compose(text)
-    except yaml.YAMLError:
-        return None
-    line = None
-    for key in loc:
-        if isinstance(node, yaml.MappingNode):
-            match = [(k, v) for k, v in node.value if k.value == str(key)]
-            if not match:
-                break
-            line = match[0][0].start_mark.line + 1
-            node = match[0][1]
-        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
-            node = node.value[key]
-            line = node.start_mark.line + 1
-        else:
-            break
-    return line
-
-
-def _describe(err: dict[str, Any], model: type[BaseModel]) -> str:
-    """One human line for a pydantic error, with allowed keys for unknown ones."""
-    msg = err["msg"]
-    if err["type"] == "extra_forbidden":
-        owner: Any = model
-        for key in err["loc"][:-1]:
-            field = owner.model_fields.get(str(key)) if isinstance(owner, type) else None
-            owner = field.annotation if field is not None else None
-        if isinstance(owner, type) and issubclass(owner, BaseModel):
-            msg = f"unknown key; allowed keys: {', '.join(owner.model_fields)}"
-        else:
-            msg = "unknown key"
-    elif "input" in err and err["type"] not in ("missing", "value_error"):
-        msg = f"{msg} (got {err['input']!r})"
-    return msg
-
-
-def format_validation_error(
-    exc: ValidationError, source: str, text: str | None, model: type[BaseModel], prefix: tuple = ()
-) -> str:
-    """Render a pydantic error as ``file:line: key.path: message`` lines."""
-    lines = []
-    for err in exc.errors():
-        loc = prefix + tuple(err["loc"])
-        line = _key_line(text, loc) if text else None
-        where = f"{source}:{line}" if line else source
-        key = ".".join(str(k) for k in loc) or "<root>"
-        lines.append(f"{where}: {key}: {_describe(err, model)}")
-    return "invalid params:\n  " + "\n  ".join(lines)
-
-
-def read_yaml_mapping(path: Path, what: str) -> tuple[str, dict[str, Any]]:
-    """The text of the YAML file ``path`` and its top-level mapping; ``what`` names it in errors.
-
-    Raises:
-        ConfigError: the file is missing, unreadable, not UTF-8, not YAML, or not a mapping.
-    """
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a text file (not UTF-8)") from None
-    try:
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: must be a mapping, got {type(raw).__name__}")
-    return text, raw
-
-
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate a params file.
 
     Raises:
         ConfigError: the file is missing, not YAML, or a key is unknown or out of range.
     """
-    path = Path(path)
-    text, raw = read_yaml_mapping(path, "params file")
-    try:
-        return Params.model_validate(raw)
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, str(path), text, Params)) from None
+    return load_yaml_model(path, Params, "params file", "params")
 
 
 def params_to_dict(params: BaseModel) -> dict[str, Any]:

@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from slimloop.errors import ConfigError
+
 
 def _umask() -> int:
     mask = os.umask(0o022)
@@ -82,3 +84,18 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def read_stage_json(path: str | os.PathLike, stage: str) -> Any:
+    """A JSON file another pipeline stage writes; a missing one names the stage to run first.
+
+    Raises:
+        ConfigError: the file is missing, unreadable or not JSON.
+    """
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path} does not exist: run the {stage} stage first (dvc repro {stage})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: unreadable metrics file: {exc}") from None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from collections.abc import Sequence
@@ -11,8 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from slimloop.config import EvalParams, ReportParams
-from slimloop.errors import ConfigError
-from slimloop.io import atomic_dir, write_text_atomic
+from slimloop.io import atomic_dir, read_stage_json, write_text_atomic
 
 TABLE_STEPS = ("pruned", "padded", "retrained", "distilled")
 ALL_STEPS = ("sparse", *TABLE_STEPS)
@@ -45,19 +43,10 @@ class ReportInputs:
     sweep: list[dict[str, Any]]
 
 
-def _read_json(path: Path, stage: str) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path} does not exist: run the {stage} stage first (dvc repro {stage})") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path}: unreadable metrics file: {exc}") from None
-
-
 def _control(path: Path) -> tuple[dict[str, Any] | None, str]:
     if not path.exists():
         return None, f"{path} does not exist"
-    record = _read_json(path, "control")
+    record = read_stage_json(path, "control")
     if not record.get("enabled", True) or "map" not in record:
         return None, "`control.enabled` is false"
     return record, ""
@@ -74,12 +63,12 @@ def load_inputs(metrics_dir: Path) -> ReportInputs:
         ConfigError: ``baseline.json`` or ``final.json`` is missing, or any file present is unreadable.
     """
     metrics_dir = Path(metrics_dir)
-    baseline = _read_json(metrics_dir / "baseline.json", "baseline")
-    final = _read_json(metrics_dir / "final.json", "compress")
+    baseline = read_stage_json(metrics_dir / "baseline.json", "baseline")
+    final = read_stage_json(metrics_dir / "final.json", "compress")
     files = sorted((metrics_dir / "iterations").glob("iter_*.json"), key=lambda p: int(p.stem.split("_")[1]))
-    iterations = [_read_json(p, "compress") for p in files]
+    iterations = [read_stage_json(p, "compress") for p in files]
     sweep_path = metrics_dir / "imgsz_sweep.json"
-    sweep = _read_json(sweep_path, "compress")["rows"] if sweep_path.exists() else []
+    sweep = read_stage_json(sweep_path, "compress")["rows"] if sweep_path.exists() else []
     control, note = _control(metrics_dir / "control.json")
     return ReportInputs(baseline, iterations, final, control, note, sweep)
 

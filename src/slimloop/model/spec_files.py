@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from slimloop.config import _key_line  # YAML key path -> line, shared with params.yaml errors
 from slimloop.io import write_text_atomic
 from slimloop.model.spec import (
     ModelSpec,
@@ -14,6 +13,7 @@ from slimloop.model.spec import (
     spec_to_json,
     spec_to_yaml,
 )
+from slimloop.yamlfile import _key_line  # YAML key path -> line, shared with params.yaml errors
 
 
 def _format(path: Path) -> str:
