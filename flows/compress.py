@@ -19,7 +19,7 @@ from flows.cache import StepCachePolicy, step_key, store_dir
 from flows.common import base_parser, run_entry
 from flows.store import touch_entry
 from slimloop.config import Params, load_params
-from slimloop.io import atomic_dir, write_json_atomic, write_text_atomic
+from slimloop.io import atomic_dir, read_stage_json, write_json_atomic, write_text_atomic
 
 BASELINE = Path("models/baseline")
 OUT = Path("models/compressed")
@@ -165,7 +165,7 @@ def compress_flow(params: Params, baseline_dir: Path = BASELINE, out_dir: Path =
     from slimloop.loop import run_loop
 
     runners = {"prefect": prefect_run_step, "store": local_run_step, "direct": None}
-    record = json.loads((metrics_dir / "baseline.json").read_text())
+    record = read_stage_json(metrics_dir / "baseline.json", "baseline")
     result = run_loop(baseline_dir / "best.safetensors", record, params, Path(params.data.out_dir),
                       store_dir() / "work", run_step=runners[steps],
                       rewind_ckpt=baseline_dir / "rewind.safetensors", progress=progress)

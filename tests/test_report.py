@@ -275,6 +275,6 @@ def test_gamma_histograms_are_copied_and_shown(tmp_path):
     report = write_report(inputs, tmp_path / "reports", ReportParams(gallery=0, dpi=50), EVAL, tmp_path,
                           (tmp_path / "a", tmp_path / "b"), gamma_plots=gammas)
     text = (tmp_path / "reports" / "summary.md").read_text()
-    assert "![gamma_iter_1](gamma_iter_1.png)" in text and "![gamma_iter_2](gamma_iter_2.png)" in text
-    assert (tmp_path / "reports" / "gamma_iter_2.png").read_bytes() == gammas[1].read_bytes()
-    assert tmp_path / "reports" / "gamma_iter_1.png" in report.files
+    assert "![gamma_iter_1](gamma/gamma_iter_1.png)" in text and "![gamma_iter_2](gamma/gamma_iter_2.png)" in text
+    assert (tmp_path / "reports" / "gamma" / "gamma_iter_2.png").read_bytes() == gammas[1].read_bytes()
+    assert tmp_path / "reports" / "gamma" / "gamma_iter_1.png" in report.files

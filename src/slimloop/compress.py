@@ -177,7 +177,9 @@ def sparse_train_step(ckpt: Path, data_root, sparse: SparseParams, train_params:
     out_dir = Path(out_dir)
     model = load_model(ckpt)
     histogram = GammaHistogram.from_model(model, path=out_dir / "gamma_hist.json")
-    params = train_params.model_copy(update={"epochs": sparse.epochs})
+    # The model is trained already: no warm-up (its bias lr of 0.1 would jolt the trained weights).
+    params = train_params.model_copy(
+        update={"epochs": sparse.epochs, "lr0": sparse.lr0 or train_params.lr0, "warmup_epochs": 0.0})
     result = train(model, data_root, params, eval_params, out_dir / "train", hooks=sparse_hooks(sparse, histogram),
                    progress=progress, meta=_meta("sparse", ckpt, sparse=sparse))
     histogram.rows = [r for r in histogram.rows if r["epoch"] <= sparse.epochs]  # a longer old run's

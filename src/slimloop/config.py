@@ -203,6 +203,7 @@ class SparseParams(StrictModel):
     lam: float = Field(1e-4, ge=0, description="L1 strength: lam * sign(gamma) added to the grad")
     schedule: Literal["constant", "linear", "cosine"] = "constant"
     final_fraction: float = Field(0.1, ge=0, le=1, description="lam at the end, fraction of lam")
+    lr0: float | None = Field(None, gt=0, description="learning rate (null = train.lr0); no warm-up")
 
 
 class PruneParams(StrictModel):

@@ -15,6 +15,7 @@ from slimloop.io import atomic_dir, read_stage_json, write_text_atomic
 TABLE_STEPS = ("pruned", "padded", "retrained", "distilled")
 ALL_STEPS = ("sparse", *TABLE_STEPS)
 ROW_KEYS = ("map50", "map", "size_mb", "latency_ms", "gflops", "params", "imgsz", "threads")
+GAMMA_DIR = "gamma"  # the per-iteration |gamma| histograms, in a folder of their own
 COLUMNS = ("index", "model", "mAP@0.5", "Δ mAP@0.5 vs baseline", "mAP@0.5:0.95", "size MB",
            "latency ms (ONNX Runtime CPU)", "GFLOPs", "params")
 PLOTS = {"tradeoff.png": "Accuracy against cost", "pareto.png": "Pareto front (max mAP@0.5:0.95, min GFLOPs)",
@@ -263,8 +264,9 @@ def write_report(inputs: ReportInputs, out_dir: Path, report: ReportParams, eval
         data_root: canonical dataset folder (its val split feeds the gallery).
         checkpoints: ``(baseline, final)`` checkpoint files.
         progress: progress bars while predicting for the gallery.
-        gamma_plots: the loop's |gamma| histograms (``gamma_iter_<k>.png``), copied into the
-            report and shown after the other plots.
+        gamma_plots: the loop's |gamma| histograms (``gamma_iter_<k>.png``), copied into
+            ``out_dir/gamma/`` (one folder, so DVC's plots list names it whatever the number of
+            iterations) and shown after the other plots.
 
     Raises:
         CheckpointError, DataError: a checkpoint or the val split cannot be read (gallery only).
@@ -284,7 +286,7 @@ def write_report(inputs: ReportInputs, out_dir: Path, report: ReportParams, eval
     gamma_plots = [Path(p) for p in gamma_plots]
     if gamma_plots:
         markdown += "\n### |gamma| during sparse training, per iteration\n\n" + "".join(
-            f"![{p.stem}]({p.name})\n" for p in gamma_plots)
+            f"![{p.stem}]({GAMMA_DIR}/{p.name})\n" for p in gamma_plots)
     every = comparison_rows(inputs, ALL_STEPS)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
@@ -296,7 +298,9 @@ def write_report(inputs: ReportInputs, out_dir: Path, report: ReportParams, eval
         items = (find_regressions(checkpoints, inputs, data_root, eval_params, report.gallery, progress)
                  if report.gallery else None)
         plot_gallery(items, eval_params, tmp / "gallery.png", report.dpi)
+        if gamma_plots:
+            (tmp / GAMMA_DIR).mkdir()
         for path in gamma_plots:
-            shutil.copyfile(path, tmp / path.name)
-    files = [out_dir / "summary.md", *(out_dir / name for name in PLOTS), *(out_dir / p.name for p in gamma_plots)]
+            shutil.copyfile(path, tmp / GAMMA_DIR / path.name)
+    files = [out_dir / "summary.md", *(out_dir / name for name in PLOTS), *(out_dir / GAMMA_DIR / p.name for p in gamma_plots)]
     return Report(rows, frame.to_dict("records"), markdown, files)
