@@ -1,5 +1,6 @@
 """Padded against unpadded, side by side: the latency of each iteration's pruned model (widths as
-the global threshold left them) and its padded twin (every width rounded up to pad.multiple).
+the global threshold left them) and its padded twin (every width rounded up to pad.multiple);
+and the final model against the baseline, the same way.
 
 Both come from the step store of the last `dvc repro` ($SLIMLOOP_CACHE), matched to the records
 in metrics/iterations/iter_*.json. They are measured in one process, alternating, several rounds, so that machine
@@ -53,6 +54,22 @@ def _median_ms(session, x: np.ndarray, runs: int) -> float:
         session.run(None, {name: x})
         times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times)
+
+
+def _side_by_side(models: dict, args, x: np.ndarray, work: Path, tag: str) -> dict:
+    """GFLOPs, median latency over ``args.rounds`` alternating rounds, and whether every width is a
+    multiple of 8, for each named model."""
+    sessions = {n: _ort_session(m, args.imgsz, work / f"{n}_{tag}.onnx", args.threads) for n, m in models.items()}
+    times: dict[str, list[float]] = {n: [] for n in sessions}
+    for _ in range(args.rounds):  # alternate, so drifting machine load hits both
+        for n, sess in sessions.items():
+            times[n].append(_median_ms(sess, x, args.runs))
+    row = {}
+    for n, m in models.items():
+        row[f"{n}_gflops"] = round(gflops(m, args.imgsz), 6)
+        row[f"{n}_latency_ms"] = round(statistics.median(times[n]), 4)
+        row[f"{n}_widths_multiple_of_8"] = all(c.conv.out_channels % 8 == 0 for c in conv_modules(m).values())
+    return row
 
 
 def _manifests() -> list[dict]:
@@ -109,25 +126,25 @@ def main() -> None:
     work = ROOT / "benchmarks" / "results" / ".pad_onnx"
     work.mkdir(parents=True, exist_ok=True)
     for k, pruned, padded in pairs:
-        models = {"pruned": load_model(pruned), "padded": load_model(padded)}
-        sessions = {n: _ort_session(m, args.imgsz, work / f"{n}_{k}.onnx", args.threads) for n, m in models.items()}
-        times: dict[str, list[float]] = {n: [] for n in sessions}
-        for _ in range(args.rounds):  # alternate, so drifting machine load hits both
-            for n, s in sessions.items():
-                times[n].append(_median_ms(s, x, args.runs))
-        row = {"iteration": k}
-        for n, m in models.items():
-            row[f"{n}_gflops"] = round(gflops(m, args.imgsz), 6)
-            row[f"{n}_latency_ms"] = round(statistics.median(times[n]), 4)
-            row[f"{n}_widths_multiple_of_8"] = all(c.conv.out_channels % 8 == 0 for c in conv_modules(m).values())
+        row = {"iteration": k, **_side_by_side({"pruned": load_model(pruned), "padded": load_model(padded)},
+                                               args, x, work, str(k))}
         row["padded_over_pruned_latency"] = round(row["padded_latency_ms"] / row["pruned_latency_ms"], 4)
         rows.append(row)
         print(row)
+    final = None
+    baseline_ckpt = ROOT / "models" / "baseline" / "best.safetensors"
+    final_ckpt = ROOT / "models" / "compressed" / "final.safetensors"
+    if baseline_ckpt.exists() and final_ckpt.exists():
+        models = {"baseline": load_model(baseline_ckpt), "final": load_model(final_ckpt)}
+        final = _side_by_side(models, args, x, work, "final")
+        final["baseline_over_final_latency"] = round(final["baseline_latency_ms"] / final["final_latency_ms"], 4)
+        print(final)
     for f in work.iterdir():
         f.unlink()
     work.rmdir()
     write_json_atomic(RESULTS, {"machine": platform.machine(), "cpus": os.cpu_count(), "threads": args.threads,
-                                "imgsz": args.imgsz, "rounds": args.rounds, "runs": args.runs, "rows": rows})
+                                "imgsz": args.imgsz, "rounds": args.rounds, "runs": args.runs, "rows": rows,
+                                "final_vs_baseline": final})
 
 
 if __name__ == "__main__":

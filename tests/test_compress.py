@@ -257,3 +257,37 @@ def test_retrain_and_distill_log_terms_and_keep_structure(chain):
     assert chain["retrain"].record["distill"] == "joint" and chain["retrain"].record["epochs"] == 1
     meta = load_checkpoint(chain["retrain"].checkpoint).meta
     assert meta["train"]["lr0"] == 0.005 and meta["step"] == "retrain" and "teacher" in meta
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("warmup, expected", [(None, 2.5), (0.0, 0.0), (0.5, 0.5)])
+def test_finetune_and_sparse_train_with_their_own_lr_and_warmup(tiny_spec, tmp_path, monkeypatch, warmup,
+                                                                 expected):
+    """Sparse training and finetuning start from a trained model: sparse.lr0 and retrain.lr0 replace
+    train.lr0, sparse training has no warm-up, finetuning takes retrain.warmup_epochs (null: train's)."""
+    import slimloop.compress as compress
+
+    seen = []
+
+    def fake_train(model, data_root, params, *args, **kwargs):
+        seen.append(params)
+        raise _Stop
+
+    monkeypatch.setattr(compress, "train", fake_train)
+    ckpt = save_checkpoint(tmp_path / "m.safetensors", _model(tiny_spec))
+    base = tiny_train_params(lr0=0.02, warmup_epochs=2.5)
+    with pytest.raises(_Stop):
+        sparse_train_step(ckpt, tmp_path, SparseParams(epochs=1, lr0=0.003), base, TINY_EVAL, tmp_path / "s")
+    with pytest.raises(_Stop):
+        retrain_step(ckpt, tmp_path, RetrainParams(epochs=2, lr0=0.004, warmup_epochs=warmup), base, TINY_EVAL,
+                     tmp_path / "r")
+    with pytest.raises(_Stop):  # scratch training keeps train's warm-up and lr
+        retrain_step(ckpt, tmp_path, RetrainParams(mode="scratch", epochs=2, warmup_epochs=0.0), base, TINY_EVAL,
+                     tmp_path / "x")
+    sparse, finetune, scratch = seen
+    assert (sparse.lr0, sparse.warmup_epochs, sparse.epochs) == (0.003, 0.0, 1)
+    assert (finetune.lr0, finetune.warmup_epochs, finetune.epochs) == (0.004, expected, 2)
+    assert (scratch.lr0, scratch.warmup_epochs) == (0.02, 2.5)

@@ -342,8 +342,9 @@ def _start_model(ckpt: Path, retrain: RetrainParams, train_params: TrainParams, 
 
     target = load_checkpoint(ckpt).spec
     if retrain.mode == "finetune":
+        warmup = train_params.warmup_epochs if retrain.warmup_epochs is None else retrain.warmup_epochs
         return load_model(ckpt), train_params.model_copy(
-            update={"epochs": retrain.epochs, "lr0": retrain.lr0 or train_params.lr0})
+            update={"epochs": retrain.epochs, "lr0": retrain.lr0 or train_params.lr0, "warmup_epochs": warmup})
     if retrain.mode == "scratch":
         seed_everything(train_params.seed)
         model = build_model(target)

@@ -235,6 +235,8 @@ class RetrainParams(StrictModel):
     mode: Literal["finetune", "scratch", "rewind"] = "finetune"
     epochs: int = Field(5, ge=1)
     lr0: float | None = Field(None, gt=0, le=1, description="finetune lr; null = train.lr0")
+    warmup_epochs: float | None = Field(
+        None, ge=0, description="finetune warm-up epochs; null = train.warmup_epochs (0: start at lr0)")
     scratch_budget: bool = Field(False, description="scratch-B: epochs x FLOPs_base / FLOPs_pruned")
     budget_cap: float = Field(3.0, ge=1, description="scratch-B epochs at most this times epochs")
     rewind_epoch: int = Field(1, ge=1, description="baseline epoch whose weights rewind restores")
