@@ -28,7 +28,12 @@ def test_store_without_prefect_reuses_and_verifies(project, tmp_path):  # noqa: 
     shutil.rmtree(store / sorted(made)[1])
     third = compress_flow.fn(project, steps="store")
     assert victim.exists() and sorted(made)[1] in _step_dirs(store)
-    assert third["record"] == first["record"]
+    # a recomputed final step measures its latency again; everything else is deterministic on CPU
+    assert _without_latency(third["record"]) == _without_latency(first["record"])
+
+
+def _without_latency(record: dict) -> dict:
+    return {k: v for k, v in record.items() if not k.startswith("latency")}
 
 
 def test_direct_mode_writes_no_store_entries(project, tmp_path):  # noqa: F811
