@@ -278,3 +278,11 @@ def test_gamma_histograms_are_copied_and_shown(tmp_path):
     assert "![gamma_iter_1](gamma/gamma_iter_1.png)" in text and "![gamma_iter_2](gamma/gamma_iter_2.png)" in text
     assert (tmp_path / "reports" / "gamma" / "gamma_iter_2.png").read_bytes() == gammas[1].read_bytes()
     assert tmp_path / "reports" / "gamma" / "gamma_iter_1.png" in report.files
+
+
+def test_final_model_is_named_by_its_out_then_its_store_path(tmp_path):
+    inputs = load_inputs(write_metrics(tmp_path / "metrics"))
+    text = summary_markdown(inputs, comparison_rows(inputs), "", final_checkpoint=Path("models/compressed/final.safetensors"))
+    first = text.splitlines()[2]
+    assert first.startswith("The final model is **iteration")
+    assert f"`models/compressed/final.safetensors` (a copy of `{inputs.final['checkpoint']}`)" in first

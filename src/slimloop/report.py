@@ -196,12 +196,14 @@ def _negate(value: Any) -> Any:
     return None if _missing(value) else -float(value)
 
 
-def _stop_text(final: dict[str, Any]) -> str:
+def _stop_text(final: dict[str, Any], final_checkpoint: Path | None = None) -> str:
     k, reason = int(final["final_iteration"]), final.get("reason")
     which = (f"**iteration {k}**" if k else "**the baseline** (no iteration was accepted)")
     why = REASONS.get(reason, "the loop recorded no stop reason") if reason else "the loop recorded no stop reason"
     accepted = ", ".join(str(a) for a in final.get("accepted", [])) or "none"
-    return (f"The final model is {which}, `{final.get('checkpoint', NA)}`. The loop stopped after "
+    trained = f"`{final.get('checkpoint', NA)}`"
+    where = f"`{final_checkpoint}` (a copy of {trained})" if final_checkpoint else trained
+    return (f"The final model is {which}, {where}. The loop stopped after "
             f"{final.get('iterations_run', NA)} iteration(s) because {why} (`{reason}`). Accepted iterations: "
             f"{accepted}. mAP@0.5:0.95 against the baseline: {_fmt(_negate(final.get('map_drop')), 'delta')}. "
             f"Epochs: {final.get('epochs_to_final', NA)} to the final model, {final.get('epochs_total', NA)} in all.")
@@ -231,10 +233,15 @@ def _control_text(inputs: ReportInputs) -> str:
             f"({_fmt(gap, 'delta')}).")
 
 
-def summary_markdown(inputs: ReportInputs, rows: list[dict[str, Any]], table: str) -> str:
-    """``reports/summary.md``: the stop decision, how latency was measured, the table, control and plots."""
+def summary_markdown(inputs: ReportInputs, rows: list[dict[str, Any]], table: str,
+                     final_checkpoint: Path | None = None) -> str:
+    """``reports/summary.md``: the stop decision, how latency was measured, the table, control and plots.
+
+    ``final_checkpoint``: the final model's file in the pipeline's outs, named before the step-store
+    path it was copied from.
+    """
     plots = "\n".join(f"### {title}\n\n![{name[:-4]}]({name})\n" for name, title in PLOTS.items())
-    return (f"# slimloop report\n\n{_stop_text(inputs.final)}\n\n{_measure_text(inputs, rows)}\n\n"
+    return (f"# slimloop report\n\n{_stop_text(inputs.final, final_checkpoint)}\n\n{_measure_text(inputs, rows)}\n\n"
             f"## Comparison\n\n{table}\n{_control_text(inputs)}\n\n## Plots\n\n{plots}")
 
 
@@ -282,7 +289,7 @@ def write_report(inputs: ReportInputs, out_dir: Path, report: ReportParams, eval
 
     rows = comparison_rows(inputs)
     frame = format_table(rows)
-    markdown = summary_markdown(inputs, rows, markdown_table(frame))
+    markdown = summary_markdown(inputs, rows, markdown_table(frame), final_checkpoint=Path(checkpoints[1]))
     gamma_plots = [Path(p) for p in gamma_plots]
     if gamma_plots:
         markdown += "\n### |gamma| during sparse training, per iteration\n\n" + "".join(
