@@ -169,15 +169,14 @@ def sparse_train_step(ckpt: Path, data_root, sparse: SparseParams, train_params:
     """Train ``ckpt`` with the L1 penalty on BN gammas for ``sparse.epochs``.
 
     Writes ``out_dir/train/`` (the run), ``gamma_hist.json`` and ``gamma_hist.png``. The output
-    is the run's last checkpoint (the sparsest), not its best.
+    is the run's last checkpoint (the sparsest), not its best. No warm-up: the model is trained
+    already, and the warm-up's bias lr of 0.1 would jolt it.
 
     Returns:
         ``extra``: ``histogram`` (the JSON rows) and ``history`` (per-epoch training rows).
     """
-    out_dir = Path(out_dir)
-    model = load_model(ckpt)
+    out_dir, model = Path(out_dir), load_model(ckpt)
     histogram = GammaHistogram.from_model(model, path=out_dir / "gamma_hist.json")
-    # The model is trained already: no warm-up (its bias lr of 0.1 would jolt the trained weights).
     params = train_params.model_copy(
         update={"epochs": sparse.epochs, "lr0": sparse.lr0 or train_params.lr0, "warmup_epochs": 0.0})
     result = train(model, data_root, params, eval_params, out_dir / "train", hooks=sparse_hooks(sparse, histogram),
