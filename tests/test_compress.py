@@ -16,7 +16,6 @@ from slimloop.compress import (
     apply_masks,
     channel_maps,
     distill_step,
-    draw_gamma_histograms,
     gamma_values,
     load_masks,
     pad_step,
@@ -39,6 +38,7 @@ from slimloop.distill import DistillLoss, DistillWeights
 from slimloop.measure import KEYS
 from slimloop.model import build_model, conv_modules, conv_widths
 from slimloop.prune import gamma_scores, pad_channels, prune_model, select_channels, topology
+from slimloop.report_plots import draw_gamma_histograms
 from slimloop.train import seed_everything, train
 
 KD_KEYS = ("kd_obj", "kd_cls", "kd_kl", "kd_box", "kd_feat")

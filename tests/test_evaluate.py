@@ -195,3 +195,19 @@ def test_evaluate_end_to_end_on_a_tiny_split(tmp_path):
     assert model.training  # mode restored
     with pytest.raises(DataError, match="missing"):
         evaluate(model, tmp_path, "test", 64, PARAMS, progress=False)
+
+
+def test_pycocotools_prints_nothing_even_when_print_is_replaced(monkeypatch, capsys):
+    """Prefect's log_prints replaces builtins.print: pycocotools' progress lines must not reach it."""
+    import builtins
+
+    printed = []
+    monkeypatch.setattr(builtins, "print", lambda *args, **kwargs: printed.append(args))
+    gt = gt_dict(GT_BOXES, GT_LABELS)
+    dets = [det(i + 1, b, [0.9] * len(b), lab) for i, (b, lab) in enumerate(zip(GT_BOXES, GT_LABELS, strict=True))]
+    assert coco_metrics(gt, dets, NAMES, PARAMS)["map"] == 1.0
+    assert printed == []
+    assert capsys.readouterr().out == ""
+    import pycocotools.cocoeval
+
+    assert "print" not in vars(pycocotools.cocoeval)  # the shadow is removed afterwards

@@ -16,6 +16,7 @@ from slimloop.prune import (
     gamma_scores,
     pad_channels,
     prune_model,
+    recalibrate_bn,
     regularize_gammas,
     select_channels,
     topology,
@@ -149,3 +150,27 @@ def test_regularize_adds_sign_of_gamma(spec):
     g = convs["layers.0"].bn.weight.grad
     assert g[0].item() == pytest.approx(-1e-2) and g[1].item() == pytest.approx(1e-2)
     assert l1 == pytest.approx(sum(float(c.bn.weight.detach().abs().sum()) for c in convs.values()))
+
+
+def test_recalibration_sets_bn_statistics_from_the_images_and_touches_nothing_else(tiny_spec, tiny_data):
+    from slimloop.data.dataset import DetectionDataset
+
+    model = randomized(tiny_spec)
+    weights = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
+    first = conv_modules(model)["layers.0"]
+    momentum = first.bn.momentum
+    assert recalibrate_bn(model, tiny_data, 128, 0) is model and first.bn.running_mean.abs().sum() > 0
+    stale = first.bn.running_mean.clone()
+    recalibrate_bn(model, tiny_data, 128, images=4, batch_size=3)  # a full batch and a partial one
+    assert first.bn.num_batches_tracked == 2 and not torch.allclose(first.bn.running_mean, stale)
+    recalibrate_bn(model, tiny_data, 128, images=8, batch_size=8)  # all 8 images in one batch
+    images = torch.stack([DetectionDataset(tiny_data, "train", 128, None)[i][0] for i in range(8)]).float() / 255
+    with torch.no_grad():
+        out = first.conv(images)  # (8, C, 64, 64)
+    assert first.bn.num_batches_tracked == 1
+    assert torch.allclose(first.bn.running_mean, out.mean((0, 2, 3)), atol=1e-5)
+    assert torch.allclose(first.bn.running_var, out.var((0, 2, 3), unbiased=True), rtol=1e-4, atol=1e-6)
+    assert not model.training and first.bn.momentum == momentum
+    for k, v in model.state_dict().items():
+        if k in weights:
+            assert torch.equal(v, weights[k]), k

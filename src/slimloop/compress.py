@@ -34,6 +34,7 @@ from slimloop.prune import (
     kept_fraction,
     pad_channels,
     prune_model,
+    recalibrate_bn,
     regularize_gammas,
     select_channels,
     topology,
@@ -130,29 +131,6 @@ class GammaHistogram:
         self.record(epoch + 1, model)
 
 
-def draw_gamma_histograms(rows: list[dict[str, Any]], path: Path) -> Path:
-    """One PNG with a histogram line per epoch (log count axis), written atomically."""
-    from matplotlib import colormaps
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from slimloop.io import atomic_path
-
-    fig = Figure(figsize=(7, 4), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    cmap = colormaps["viridis"]
-    for i, row in enumerate(rows):
-        ax.stairs(row["counts"], row["edges"], color=cmap(i / max(len(rows) - 1, 1)), label=f"epoch {row['epoch']}")
-    ax.set_yscale("symlog", linthresh=1)
-    ax.set(xlabel="|gamma| (BN scale)", ylabel="channels", title="BN gamma during sparse training")
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png")
-    return Path(path)
-
-
 def sparse_hooks(sparse: SparseParams, histogram: GammaHistogram | None = None) -> TrainHooks:
     """Hooks that add ``lam(progress) * sign(gamma)`` to every BN gamma's gradient (and log it)."""
 
@@ -183,6 +161,8 @@ def sparse_train_step(ckpt: Path, data_root, sparse: SparseParams, train_params:
                    progress=progress, meta=_meta("sparse", ckpt, sparse=sparse))
     histogram.rows = [r for r in histogram.rows if r["epoch"] <= sparse.epochs]  # a longer old run's
     write_json_atomic(out_dir / "gamma_hist.json", histogram.rows)
+    from slimloop.report_plots import draw_gamma_histograms
+
     draw_gamma_histograms(histogram.rows, out_dir / "gamma_hist.png")
     record = _measure(load_model(result.last), data_root, imgsz or params.imgsz, eval_params, "sparse",
                       params.device, epochs=sparse.epochs)
@@ -228,20 +208,25 @@ def apply_masks(model: nn.Module, mask_files: tuple[Path, ...] | list[Path]) -> 
 
 
 def _surgery_step(model: nn.Module, ckpt: Path, keep: dict[str, Tensor], scores: dict[str, Tensor], step: str,
-                  params: Any, data_root, eval_params: EvalParams, out_dir: Path, imgsz: int) -> StepResult:
+                  params: Any, data_root, eval_params: EvalParams, out_dir: Path, imgsz: int,
+                  recalibrate: int) -> StepResult:
     out_dir = Path(out_dir)
-    out = prune_model(model, keep, probe=PROBE)
+    device = "cpu" if select_device().type == "mps" else select_device()
+    out = recalibrate_bn(prune_model(model, keep, probe=PROBE).to(device), data_root, imgsz, recalibrate).cpu()
     path = save_checkpoint(out_dir / f"{step}.safetensors", out,
-                           {"step": step, "parent": file_sha256(ckpt), step: params_to_dict(params)})
+                           {"step": step, "parent": file_sha256(ckpt), step: params_to_dict(params),
+                            "recalibrated_images": recalibrate})
     masks = save_masks(out_dir / "masks.safetensors", keep, scores)
     fraction = kept_fraction(model.spec, out.spec)
-    record = _measure(out, data_root, imgsz, eval_params, step, kept_fraction=round(fraction, 6))
+    record = _measure(out, data_root, imgsz, eval_params, step, kept_fraction=round(fraction, 6),
+                      recalibrated_images=recalibrate)
     return StepResult(path, record, {"masks": str(masks), "kept_fraction": fraction})
 
 
 def prune_step(ckpt: Path, data_root, prune: PruneParams, eval_params: EvalParams, out_dir: Path,
                imgsz: int) -> StepResult:
-    """Select channels by global |gamma| (``prune.ratio`` or ``prune.threshold``) and cut them.
+    """Select channels by global |gamma| (``prune.ratio`` or ``prune.threshold``), cut them, and
+    re-estimate the BN statistics on ``prune.recalibrate`` training images.
 
     Writes ``out_dir/prune.safetensors`` and ``out_dir/masks.safetensors`` (keep masks and scores
     relative to ``ckpt``'s channel groups, for :func:`pad_step` and rewinding).
@@ -249,16 +234,18 @@ def prune_step(ckpt: Path, data_root, prune: PruneParams, eval_params: EvalParam
     model = load_model(ckpt)
     scores = gamma_scores(model, topology(model.spec))
     keep = select_channels(scores, prune.ratio, prune.threshold, prune.min_channels)
-    return _surgery_step(model, ckpt, keep, scores, "prune", prune, data_root, eval_params, out_dir, imgsz)
+    return _surgery_step(model, ckpt, keep, scores, "prune", prune, data_root, eval_params, out_dir, imgsz,
+                         prune.recalibrate)
 
 
 def pad_step(ckpt: Path, masks: Path, data_root, pad: PadParams, eval_params: EvalParams, out_dir: Path,
-             imgsz: int) -> StepResult:
+             imgsz: int, recalibrate: int = 0) -> StepResult:
     """Round the pruned widths up to ``pad.multiple`` (restoring the largest-gamma channels) and cut.
 
     Args:
         ckpt: the model the masks were selected on (the sparse-trained one, not the pruned one).
         masks: ``masks.safetensors`` of :func:`prune_step`.
+        recalibrate: training images that re-estimate the BN statistics (``prune.recalibrate``).
 
     Writes ``out_dir/pad.safetensors`` and ``out_dir/masks.safetensors`` (the padded masks).
     """
@@ -266,7 +253,8 @@ def pad_step(ckpt: Path, masks: Path, data_root, pad: PadParams, eval_params: Ev
     model = load_model(ckpt)
     _check_masks(model, keep, Path(masks))
     padded = pad_channels(keep, scores, pad.multiple)
-    return _surgery_step(model, ckpt, padded, scores, "pad", pad, data_root, eval_params, out_dir, imgsz)
+    return _surgery_step(model, ckpt, padded, scores, "pad", pad, data_root, eval_params, out_dir, imgsz,
+                         recalibrate)
 
 
 def channel_maps(reference: nn.Module, mask_files: tuple[Path, ...] | list[Path]) -> list[Tensor]:

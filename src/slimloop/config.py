@@ -215,6 +215,10 @@ class PruneParams(StrictModel):
     )
     threshold: float | None = Field(None, ge=0, description="or prune every channel with |gamma| below")
     min_channels: int = Field(8, ge=1, description="every channel group keeps at least this many")
+    recalibrate: int = Field(
+        128, ge=0,
+        description="training images that re-estimate BN statistics after prune and pad (0 = off)",
+    )
 
     @model_validator(mode="after")
     def _one_criterion(self) -> PruneParams:

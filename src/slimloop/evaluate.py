@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pycocotools.coco
+import pycocotools.cocoeval
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -24,6 +26,22 @@ from slimloop.postprocess import non_max_suppression, scale_boxes_to_original
 
 DECIMALS = 6
 Batch = tuple[torch.Tensor, torch.Tensor, list[dict[str, Any]]]  # what collate_fn yields
+
+
+@contextlib.contextmanager
+def _quiet_pycocotools():
+    """Silence pycocotools' progress prints. Redirecting stdout is not enough inside a Prefect flow
+    with ``log_prints``: Prefect replaces ``builtins.print``, so the lines would become log records.
+    A module-level ``print`` shadows the builtin for pycocotools' code alone."""
+    modules = (pycocotools.coco, pycocotools.cocoeval)
+    for module in modules:
+        module.print = lambda *args, **kwargs: None
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for module in modules:
+            vars(module).pop("print", None)
 
 
 def _r(value: float) -> float:
@@ -40,7 +58,7 @@ def _coco_from_dict(gt: dict[str, Any]) -> COCO:
     """A pycocotools COCO built in memory (no file written)."""
     coco = COCO()
     coco.dataset = copy.deepcopy(gt)
-    with contextlib.redirect_stdout(io.StringIO()):
+    with _quiet_pycocotools():
         coco.createIndex()
     return coco
 
@@ -86,7 +104,7 @@ def _coco_ap(gt: COCO, results: list[dict[str, Any]], cat_ids: list[int]) -> dic
     if not results:  # loadRes cannot take an empty list
         zeros = [0.0 if gt.getAnnIds(catIds=[c]) else None for c in cat_ids]
         return {"map": 0.0, "map50": 0.0, "ap": zeros, "ap50": list(zeros)}
-    with contextlib.redirect_stdout(io.StringIO()):
+    with _quiet_pycocotools():
         dt = gt.loadRes(results)
         coco_eval = COCOeval(gt, dt, iouType="bbox")
         coco_eval.evaluate()

@@ -99,3 +99,15 @@ def read_stage_json(path: str | os.PathLike, stage: str) -> Any:
         raise ConfigError(f"{path} does not exist: run the {stage} stage first (dvc repro {stage})") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ConfigError(f"{path}: unreadable metrics file: {exc}") from None
+
+
+def read_text_file(path: str | os.PathLike, what: str, error: type[Exception] = ConfigError) -> str:
+    """The UTF-8 text of ``path``; ``what`` names the file in the ``error`` raised when it cannot be
+    read (``<path>: cannot read <what>: <reason>``) or is not text."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise error(f"{path}: cannot read {what}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise error(f"{path}: not a text file (not UTF-8)") from None

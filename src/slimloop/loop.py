@@ -181,7 +181,8 @@ def _iteration(ctx: _Context, k: int, current: Path, masks: list[Path]) -> tuple
     pruned = run("prune", prune_step, dict(
         ckpt=sparse.checkpoint, prune=loop_prune_params(p.prune, p.compress), out_dir=out / "prune", **common))
     padded = run("pad", pad_step, dict(
-        ckpt=sparse.checkpoint, masks=Path(pruned.extra["masks"]), pad=p.pad, out_dir=out / "pad", **common))
+        ckpt=sparse.checkpoint, masks=Path(pruned.extra["masks"]), pad=p.pad, recalibrate=p.prune.recalibrate,
+        out_dir=out / "pad", **common))
     masks.append(Path(padded.extra["masks"]))
     teacher = (Lineage(ctx.baseline_ckpt, tuple(masks)) if p.distill.teacher == "baseline"
                else Lineage(current, (masks[-1],)))

@@ -31,6 +31,29 @@ def _figure(width: float, height: float, nrows: int = 1, ncols: int = 1) -> tupl
     return fig, fig.subplots(nrows, ncols, squeeze=False)
 
 
+def draw_gamma_histograms(rows: list[dict[str, Any]], path: Path) -> Path:
+    """One PNG with a |gamma| histogram line per epoch of sparse training (log count axis); the
+    epochs are told apart by a colour bar, so any number of them leaves the plot readable."""
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    from slimloop.io import atomic_path
+
+    fig, axes = _figure(7, 4)
+    ax, cmap = axes[0, 0], colormaps["viridis"]
+    epochs = [row["epoch"] for row in rows] or [0]
+    norm = Normalize(min(epochs), max(max(epochs), min(epochs) + 1))
+    for row in rows:
+        ax.stairs(row["counts"], row["edges"], color=cmap(norm(row["epoch"])))
+    ax.set_yscale("symlog", linthresh=1)
+    ax.set(xlabel="|gamma| (BN scale)", ylabel="channels", title="BN gamma during sparse training")
+    fig.colorbar(ScalarMappable(norm, cmap), ax=ax, label="epoch (0 = before)")
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    return Path(path)
+
+
 def _message_figure(text: str, path: Path, dpi: int) -> None:
     fig, axes = _figure(7, 2.2)
     axes[0, 0].axis("off")

@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from slimloop.errors import ConfigError
+from slimloop.io import read_text_file
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -74,12 +75,7 @@ def read_yaml_mapping(path: Path, what: str) -> tuple[str, dict[str, Any]]:
     Raises:
         ConfigError: the file is missing, unreadable, not UTF-8, not YAML, or not a mapping.
     """
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a text file (not UTF-8)") from None
+    text = read_text_file(path, what, ConfigError)
     try:
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from slimloop.io import write_text_atomic
+from slimloop.io import read_text_file, write_text_atomic
 from slimloop.model.spec import (
     ModelSpec,
     SpecError,
@@ -40,12 +40,7 @@ def load_spec(path: str | Path) -> ModelSpec:
     """
     path = Path(path)
     fmt = _format(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise SpecError(f"{path}: cannot read spec file: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise SpecError(f"{path}: not a text file (not UTF-8)") from None
+    text = read_text_file(path, "spec file", SpecError)
     try:
         return spec_from_json(text) if fmt == "json" else spec_from_yaml(text)
     except SpecError as exc:
