@@ -37,6 +37,7 @@ def draw_gamma_histograms(rows: list[dict[str, Any]], path: Path) -> Path:
     from matplotlib import colormaps
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
+    from matplotlib.ticker import MaxNLocator
 
     from slimloop.io import atomic_path
 
@@ -48,7 +49,7 @@ def draw_gamma_histograms(rows: list[dict[str, Any]], path: Path) -> Path:
         ax.stairs(row["counts"], row["edges"], color=cmap(norm(row["epoch"])))
     ax.set_yscale("symlog", linthresh=1)
     ax.set(xlabel="|gamma| (BN scale)", ylabel="channels", title="BN gamma during sparse training")
-    fig.colorbar(ScalarMappable(norm, cmap), ax=ax, label="epoch (0 = before)")
+    fig.colorbar(ScalarMappable(norm, cmap), ax=ax, label="epoch (0 = before)", ticks=MaxNLocator(integer=True))
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     return Path(path)
