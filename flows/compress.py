@@ -154,8 +154,7 @@ def write_outputs(result, out_dir: Path, metrics_dir: Path, imgsz: int) -> None:
     write_json_atomic(metrics_dir / "final.json", result.summary())
 
 
-# log_prints stays off: Prefect would turn pycocotools' summary prints into flow logs
-@flow(name="compress", log_prints=False)
+@flow(name="compress", log_prints=True)
 def compress_flow(params: Params, baseline_dir: Path = BASELINE, out_dir: Path = OUT,
                   metrics_dir: Path = METRICS, progress: bool = False, steps: str = "prefect") -> dict:
     """Run the loop from the baseline checkpoint.
