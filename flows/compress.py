@@ -227,7 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         summary = compress_flow(params, progress=not args.quiet)
     rec = summary["record"]
-    print(f"compress: final iteration {summary['final_iteration']} ({summary['reason']}): "
+    again = summary.get("final_retrain")
+    again = f", then {again['mode']} {again['epochs']} epochs" if again else ""
+    print(f"compress: final iteration {summary['final_iteration']} ({summary['reason']}){again}: "
           f"mAP@0.5:0.95 {rec['map']:.3f} (drop {summary['map_drop']:+.3f}), {rec['gflops']:.3f} GFLOPs, "
           f"{rec['params']:,} params, ORT {rec['latency_ms']:.2f} ms")
     return 0

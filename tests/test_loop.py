@@ -22,7 +22,7 @@ from slimloop.config import (
 )
 from slimloop.control import control_spec, fit_width, train_control
 from slimloop.errors import ConfigError
-from slimloop.loop import decide, loop_prune_params, rewind_saver, run_loop
+from slimloop.loop import decide, final_retrain_epochs, loop_prune_params, rewind_saver, run_loop
 from slimloop.measure import KEYS
 from slimloop.model import build_model, conv_widths
 from slimloop.profile import gflops
@@ -134,9 +134,9 @@ def test_loop_rolls_back_when_first_iteration_exceeds_tolerance(baseline, tiny_d
     base_gflops = gflops(build_model(load_checkpoint(baseline).spec), 128)
     reference = {**rec(1.0, base_gflops), "imgsz": 128}
     retrain = RetrainParams(mode="scratch", epochs=2, scratch_budget=True, budget_cap=3.0)
-    params = _params(retrain=retrain, compress=CompressParams(iterations=3, tolerance=0.01))
+    params = _params(retrain=retrain, compress=CompressParams(iterations=3, tolerance=0.01, final_retrain="scratch"))
     result = run_loop(baseline, reference, params, tiny_data, tmp_path, run_step=run_step)
-    assert calls == ["sparse_train", "prune", "pad", "retrain"]
+    assert calls == ["sparse_train", "prune", "pad", "retrain"]  # no final retraining of the baseline
     assert (result.decision.reason, result.decision.best) == ("tolerance_exceeded", 0)
     assert result.final_checkpoint == baseline and result.final_record is reference
     (it,) = result.iterations
@@ -172,6 +172,39 @@ def test_loop_stops_at_target_with_rewind_and_joint_distillation(baseline, tiny_
     meta = load_checkpoint(result.final_checkpoint).meta
     assert "rewind" in meta and "teacher" in meta
     assert result.final_record["gflops"] <= base_gflops
+
+
+def test_final_retrain_trains_the_final_structure_from_scratch_for_the_control_budget(baseline, tiny_data,
+                                                                                       tmp_path):
+    calls = []
+
+    def run_step(name, fn, kwargs):
+        calls.append(name)
+        return fn(**kwargs)
+
+    base_gflops = gflops(build_model(load_checkpoint(baseline).spec), 128)
+    reference = {**rec(0.0, base_gflops), "imgsz": 128}
+    params = _params(compress=CompressParams(iterations=1, final_retrain="scratch", final_distill=True),
+                     distill=DistillParams(mode="off", epochs=1))
+    result = run_loop(baseline, reference, params, tiny_data, tmp_path, run_step=run_step)
+    assert calls == ["sparse_train", "prune", "pad", "retrain", "final_retrain"]
+    assert result.decision.best == 1
+    (it,) = result.iterations
+    loop_ckpt, final = load_checkpoint(it["checkpoint"]), load_checkpoint(result.final_checkpoint)
+    assert final.spec == loop_ckpt.spec  # the same structure ...
+    assert not torch.equal(final.state_dict["layers.0.conv.weight"], loop_ckpt.state_dict["layers.0.conv.weight"])
+    assert final.meta["retrain"]["mode"] == "scratch" and "teacher" in final.meta  # ... trained anew, distilled
+    epochs = params.train.epochs + result.epochs_to_final  # the control's budget
+    assert result.epochs_to_final == 1 + 1 and final.meta["train"]["epochs"] == epochs
+    again = it["steps"]["final_retrain"]
+    assert again is result.final_record and again["epochs"] == epochs and again["mode"] == "scratch"
+    assert again["distill"] == "joint"
+    summary = result.summary()
+    assert summary["final_retrain"] == {"mode": "scratch", "epochs": epochs}
+    assert summary["loop_record"] is it["steps"]["retrained"] and summary["record"] is again
+    assert summary["map_drop"] == round(reference["map"] - again["map"], 6)
+    json.dumps(summary)
+    assert final_retrain_epochs(params.model_copy(update={"compress": CompressParams(final_epochs=7)}), 4) == 7
 
 
 def test_rewind_without_checkpoint_is_a_config_error(tiny_data, tiny_spec, tmp_path):

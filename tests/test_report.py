@@ -65,11 +65,12 @@ SWEEP = [{"model": m, **rec(a50, a, g, imgsz=s, latency=lat), "missed_per_class"
                                       ("final", 0.962, 0.705, 2.3, 128, 12.5), ("final", 0.880, 0.590, 1.3, 96, 7.0)]]
 
 
-def write_metrics(root: Path, control: dict | None = CONTROL, final: dict | None = FINAL) -> Path:
+def write_metrics(root: Path, control: dict | None = CONTROL, final: dict | None = FINAL,
+                  iterations: tuple[dict, ...] = (ITER_1, ITER_2)) -> Path:
     """The metrics folder the earlier stages would leave (2 iterations, a control, a sweep)."""
     (root / "iterations").mkdir(parents=True)
     (root / "baseline.json").write_text(json.dumps(BASELINE))
-    for it in (ITER_1, ITER_2):
+    for it in iterations:
         (root / "iterations" / f"iter_{it['iteration']}.json").write_text(json.dumps(it))
     if final is not None:
         (root / "final.json").write_text(json.dumps(final))
@@ -286,3 +287,19 @@ def test_final_model_is_named_by_its_out_then_its_store_path(tmp_path):
     first = text.splitlines()[2]
     assert first.startswith("The final model is **iteration")
     assert f"`models/compressed/final.safetensors` (a copy of `{inputs.final['checkpoint']}`)" in first
+
+
+def test_final_retraining_gets_its_row_name_and_sentence(tmp_path):
+    again = rec(0.970, 0.720, 2.3, latency=12.5, step="retrain")
+    it1 = {**ITER_1, "steps": {**ITER_1["steps"], "final_retrain": again}}
+    final = {**FINAL, "record": again, "loop_record": ITER_1["steps"]["distilled"],
+             "final_retrain": {"mode": "scratch", "epochs": 42}}
+    inputs = load_inputs(write_metrics(tmp_path / "m", final=final, iterations=(it1, ITER_2)))
+    rows = comparison_rows(inputs)
+    names = [r["model"] for r in rows]
+    assert names.index("iter 1 distilled") + 1 == names.index("iter 1 final_retrain") < names.index("iter 2 pruned (rolled back)")
+    (last,) = [r for r in rows if r["kind"] == "final"]
+    assert last["model"] == "final (iteration 1, scratch 42 epochs)" and last["map"] == 0.720
+    text = summary_markdown(inputs, rows, "")
+    assert "trained again from random weights (plan C) for 42 epochs" in text
+    assert "mAP@0.5:0.95 0.705 at the end of the loop, 0.720 after it" in text

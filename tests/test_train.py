@@ -7,6 +7,7 @@ import torch
 
 from conftest import TINY_EVAL, tiny_train_params
 from slimloop.checkpoint import load_checkpoint, load_model
+from slimloop.config import TrainParams
 from slimloop.errors import TrainingError
 from slimloop.evaluate import evaluate
 from slimloop.model import build_model
@@ -128,3 +129,44 @@ def test_a_finished_run_is_not_resumed_for_another_model_or_dataset(tiny_data, t
     stamp = first.last.stat().st_mtime_ns
     train(build_model(tiny_spec), other, params, TINY_EVAL, tmp_path / "run", progress=False)
     assert first.last.stat().st_mtime_ns != stamp  # trained again, not handed the old run
+
+
+def test_ema_blends_floats_by_the_decay_and_copies_counters():
+    from slimloop.optim import ModelEMA
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    ema = ModelEMA(model, max_decay=0.9, tau=1.0)
+    before = {k: v.clone() for k, v in ema.ema.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    model[1].num_batches_tracked.fill_(7)
+    ema.update(model)
+    d = ema.decay()
+    assert 0 < d < 0.9
+    for name, value in ema.ema.state_dict().items():
+        src = model.state_dict()[name]
+        if value.dtype.is_floating_point:
+            torch.testing.assert_close(value, d * before[name] + (1 - d) * src)
+        else:
+            assert torch.equal(value, src)
+
+
+def test_loader_workers_do_not_change_the_run(tiny_data, tiny_spec, tmp_path, monkeypatch):
+    """The loader is built once (persistent workers) and told each epoch; every epoch's batches
+    are the same with or without workers, so the trained weights are too."""
+    from slimloop.data.dataset import DetectionDataset
+
+    epochs: list[int] = []
+    original = DetectionDataset.set_epoch
+    monkeypatch.setattr(DetectionDataset, "set_epoch", lambda self, e: (epochs.append(e), original(self, e))[1])
+    runs = {}
+    for workers in (0, 1):
+        params = tiny_train_params(epochs=2, workers=workers, augment=TrainParams().augment)
+        result = train(_model(tiny_spec), tiny_data, params, TINY_EVAL, tmp_path / str(workers), progress=False)
+        runs[workers] = load_checkpoint(result.last).state_dict
+    assert epochs == [0, 1, 0, 1]
+    assert runs[0].keys() == runs[1].keys()
+    for key in runs[0]:
+        assert torch.equal(runs[0][key], runs[1][key]), key

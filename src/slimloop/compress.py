@@ -211,7 +211,8 @@ def _surgery_step(model: nn.Module, ckpt: Path, keep: dict[str, Tensor], scores:
                   params: Any, data_root, eval_params: EvalParams, out_dir: Path, imgsz: int,
                   recalibrate: int) -> StepResult:
     out_dir = Path(out_dir)
-    device = "cpu" if select_device().type == "mps" else select_device()
+    device = select_device()
+    device = torch.device("cpu") if device.type == "mps" else device  # mps: on the CPU, like the surgery
     out = recalibrate_bn(prune_model(model, keep, probe=PROBE).to(device), data_root, imgsz, recalibrate).cpu()
     path = save_checkpoint(out_dir / f"{step}.safetensors", out,
                            {"step": step, "parent": file_sha256(ckpt), step: params_to_dict(params),

@@ -267,6 +267,13 @@ class CompressParams(StrictModel):
     step_ratio: float = Field(0.3, gt=0, lt=1, description="fraction of remaining channels pruned per iteration")
     tolerance: float = Field(0.01, ge=0, description="largest allowed mAP@0.5:0.95 drop vs baseline (absolute)")
     imgsz: ImgSize | None = Field(None, description="evaluation size; null = train.imgsz")
+    final_retrain: Literal["off", "scratch", "finetune"] = Field(
+        "off", description="after the loop, train the final model once more: its structure from scratch "
+                           "(plan C, the report's 'nas' row) or its weights further (at retrain.lr0)")
+    final_epochs: int | None = Field(
+        None, ge=1, description="epochs of the final retraining; null = the control's budget: "
+                                "train.epochs plus the loop's epochs to the final model")
+    final_distill: bool = Field(False, description="distill from the baseline during the final retraining")
 
 
 class TargetParams(StrictModel):

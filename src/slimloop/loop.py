@@ -120,6 +120,8 @@ class LoopResult:
     baseline: dict[str, Any]
     final_checkpoint: Path
     final_record: dict[str, Any]
+    loop_record: dict[str, Any] | None = None  # the final iteration's record before the final retraining
+    final_retrain: dict[str, Any] | None = None  # {"mode", "epochs"} when compress.final_retrain ran
 
     @property
     def epochs_to_final(self) -> int:
@@ -127,12 +129,17 @@ class LoopResult:
         return sum(it["epochs"] for it in self.iterations[: self.decision.best])
 
     def summary(self) -> dict[str, Any]:
-        """JSON-able summary (``metrics/final.json``): which iteration is final and why it stopped."""
+        """JSON-able summary (``metrics/final.json``): which iteration is final and why it stopped.
+
+        ``record`` is the final model's; ``loop_record`` the final iteration's before the final
+        retraining (the same record when there was none); ``epochs_to_final`` counts loop epochs only.
+        """
         return {"final_iteration": self.decision.best, "reason": self.decision.reason,
                 "accepted": list(self.decision.accepted), "iterations_run": len(self.iterations),
                 "checkpoint": str(self.final_checkpoint), "epochs_to_final": self.epochs_to_final,
                 "epochs_total": sum(it["epochs"] for it in self.iterations),
                 "map_drop": round(map_drop(self.final_record, self.baseline), 6),
+                "final_retrain": self.final_retrain, "loop_record": self.loop_record or self.final_record,
                 "record": self.final_record, "baseline": self.baseline}
 
 
@@ -206,6 +213,29 @@ def _iteration(ctx: _Context, k: int, current: Path, masks: list[Path]) -> tuple
             "gamma_histogram": sparse.extra.get("histogram", [])}, final.checkpoint
 
 
+def final_retrain_epochs(params: Params, loop_epochs: int) -> int:
+    """``compress.final_epochs``, or the control's budget: ``train.epochs`` plus the loop's epochs."""
+    return params.compress.final_epochs or params.train.epochs + loop_epochs
+
+
+def _final_retrain(ctx: _Context, best: int, ckpt: Path, masks: list[Path],
+                   loop_epochs: int) -> tuple[StepResult, dict[str, Any]] | None:
+    """Train the final model once more (``compress.final_retrain``): its structure from scratch (plan
+    C: the pruned, padded widths as a found architecture) or its weights further. None when off."""
+    p = ctx.params
+    mode = p.compress.final_retrain
+    if mode == "off" or best == 0:
+        return None
+    epochs = final_retrain_epochs(p, loop_epochs)
+    retrain = p.retrain.model_copy(update={"mode": mode, "epochs": epochs, "scratch_budget": False})
+    kwargs: dict[str, Any] = dict(
+        ckpt=ckpt, data_root=ctx.data_root, retrain=retrain, train_params=p.train, eval_params=p.eval,
+        out_dir=ctx.work_dir / "final_retrain", imgsz=ctx.imgsz, progress=ctx.progress)
+    if p.compress.final_distill:
+        kwargs.update(distill=p.distill, teacher=Lineage(ctx.baseline_ckpt, tuple(masks[:best])))
+    return ctx.run_step("final_retrain", retrain_step, kwargs), {"mode": mode, "epochs": epochs}
+
+
 def _reference(ctx: _Context, record: dict[str, Any]) -> dict[str, Any]:
     """The baseline record at the loop's evaluation size (measured again if it was taken at another)."""
     if record.get("imgsz") == ctx.imgsz:
@@ -230,7 +260,9 @@ def run_loop(baseline_ckpt: Path, baseline_record: dict[str, Any], params: Param
              work_dir: Path, run_step: RunStep | None = None, rewind_ckpt: Path | None = None,
              progress: bool = False) -> LoopResult:
     """Compress the baseline iteratively until a target is met, the tolerance is exceeded (the
-    offending iteration is rolled back) or ``compress.iterations`` have run.
+    offending iteration is rolled back) or ``compress.iterations`` have run; then, with
+    ``compress.final_retrain``, train the final iteration's model once more (its record is the
+    iteration's ``final_retrain`` step and the final record).
 
     Args:
         baseline_ckpt: the trained baseline (iteration 0).
@@ -239,7 +271,8 @@ def run_loop(baseline_ckpt: Path, baseline_record: dict[str, Any], params: Param
         data_root: canonical dataset folder.
         work_dir: every step writes under ``work_dir/iter_<k>/<step>`` (unless ``run_step`` moves it).
         run_step: ``run_step(name, fn, kwargs) -> StepResult`` runs each step (names:
-            ``sparse_train``, ``prune``, ``pad``, ``retrain``, ``distill``, ``evaluate_baseline``);
+            ``sparse_train``, ``prune``, ``pad``, ``retrain``, ``distill``, ``evaluate_baseline``,
+            ``final_retrain``);
             the default calls ``fn(**kwargs)``. It may replace ``kwargs["out_dir"]``.
         rewind_ckpt: the baseline's early checkpoint (default ``rewind.safetensors`` beside it).
         progress: progress bars during training.
@@ -267,4 +300,11 @@ def run_loop(baseline_ckpt: Path, baseline_record: dict[str, Any], params: Param
         it["map_drop"] = round(map_drop(it["steps"][it["final_step"]], baseline), 6)
     best = decision.best
     final_record = baseline if best == 0 else iterations[best - 1]["steps"][iterations[best - 1]["final_step"]]
-    return LoopResult(iterations, decision, baseline, checkpoints[best], final_record)
+    result = LoopResult(iterations, decision, baseline, checkpoints[best], final_record)
+    retrained = _final_retrain(ctx, best, checkpoints[best], masks, result.epochs_to_final)
+    if retrained is not None:
+        step, info = retrained
+        iterations[best - 1]["steps"]["final_retrain"] = step.record
+        result = replace(result, final_checkpoint=step.checkpoint, final_record=step.record,
+                         loop_record=final_record, final_retrain=info)
+    return result

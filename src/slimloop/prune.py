@@ -271,7 +271,7 @@ def recalibrate_bn(model: nn.Module, data_root, imgsz: int, images: int, batch_s
 
     After a cut the running statistics describe the unpruned network's activations, so eval-mode
     accuracy right after pruning understates what the kept weights can do (adaptive BN, as in
-    EagleEye). Measured on the demo baseline: a 30% cut scored mAP@0.5:0.95 0.010 before and 0.066
+    EagleEye). Measured on the demo baseline: a 30% cut scored mAP@0.5:0.95 0.010 before and 0.065
     after 128 images. It does not change finetuning (training mode normalizes by batch statistics).
     """
     from slimloop.data.dataset import DetectionDataset, make_loader

@@ -12,7 +12,7 @@ from typing import Any
 from slimloop.config import EvalParams, ReportParams
 from slimloop.io import atomic_dir, read_stage_json, write_text_atomic
 
-TABLE_STEPS = ("pruned", "padded", "retrained", "distilled")
+TABLE_STEPS = ("pruned", "padded", "retrained", "distilled", "final_retrain")
 ALL_STEPS = ("sparse", *TABLE_STEPS)
 ROW_KEYS = ("map50", "map", "size_mb", "latency_ms", "gflops", "params", "imgsz", "threads")
 GAMMA_DIR = "gamma"  # the per-iteration |gamma| histograms, in a folder of their own
@@ -90,6 +90,13 @@ def _iteration_rows(it: dict[str, Any], steps: Sequence[str]) -> list[dict[str, 
             for step in steps if it["steps"].get(step)]
 
 
+def _final_name(final: dict[str, Any]) -> str:
+    k, again = int(final["final_iteration"]), final.get("final_retrain")
+    if not k:
+        return "final (= baseline)"
+    return f"final (iteration {k}, {again['mode']} {again['epochs']} epochs)" if again else f"final (iteration {k})"
+
+
 def comparison_rows(inputs: ReportInputs, steps: Sequence[str] = TABLE_STEPS) -> list[dict[str, Any]]:
     """One row per model in report order: baseline, every iteration's ``steps``, final, control, sweep.
 
@@ -108,7 +115,7 @@ def comparison_rows(inputs: ReportInputs, steps: Sequence[str] = TABLE_STEPS) ->
     for it in inputs.iterations:
         rows.extend(_iteration_rows(it, steps))
     k = int(inputs.final["final_iteration"])
-    rows.append(_row(f"final (iteration {k})" if k else "final (= baseline)", "final", inputs.final["record"], k))
+    rows.append(_row(_final_name(inputs.final), "final", inputs.final["record"], k))
     if inputs.control is not None:
         rows.append(_row(f"control (width x{inputs.control.get('width_multiple', float('nan')):.3f})",
                          "control", inputs.control))
@@ -206,7 +213,20 @@ def _stop_text(final: dict[str, Any], final_checkpoint: Path | None = None) -> s
     return (f"The final model is {which}, {where}. The loop stopped after "
             f"{final.get('iterations_run', NA)} iteration(s) because {why} (`{reason}`). Accepted iterations: "
             f"{accepted}. mAP@0.5:0.95 against the baseline: {_fmt(_negate(final.get('map_drop')), 'delta')}. "
-            f"Epochs: {final.get('epochs_to_final', NA)} to the final model, {final.get('epochs_total', NA)} in all.")
+            f"Epochs: {final.get('epochs_to_final', NA)} to the final model, {final.get('epochs_total', NA)} in all."
+            f"{_final_retrain_text(final)}")
+
+
+def _final_retrain_text(final: dict[str, Any]) -> str:
+    again = final.get("final_retrain")
+    if not again:
+        return ""
+    how = ("its pruned and padded structure was trained again from random weights (plan C)"
+           if again["mode"] == "scratch" else "its weights were trained further")
+    loop = final.get("loop_record") or {}
+    return (f" After the loop {how} for {again['epochs']} epochs (`compress.final_retrain: {again['mode']}`): "
+            f"mAP@0.5:0.95 {_fmt(loop.get('map'), '3')} at the end of the loop, "
+            f"{_fmt(final['record'].get('map'), '3')} after it.")
 
 
 def _measure_text(inputs: ReportInputs, rows: list[dict[str, Any]]) -> str:

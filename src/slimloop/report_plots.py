@@ -16,7 +16,7 @@ from slimloop.report import ReportInputs, _missing, pareto_front
 
 # ---- plots -------------------------------------------------------------------------------------
 
-STEP_MARKERS = {"sparse": "v", "pruned": "x", "padded": "s", "retrained": "o", "distilled": "D"}
+STEP_MARKERS = {"sparse": "v", "pruned": "x", "padded": "s", "retrained": "o", "distilled": "D", "final_retrain": "^"}
 MARKS = {"baseline": dict(marker="*", s=180, color="black", zorder=5),
          "final": dict(marker="o", s=220, facecolors="none", edgecolors="red", linewidths=2, zorder=6),
          "control": dict(marker="P", s=120, color="green", zorder=5)}

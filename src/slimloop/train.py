@@ -135,7 +135,10 @@ class _Run:
                 f"the model detects {nc} classes ({', '.join(model.spec.detect.names)}) but {data_root} "
                 f"has {len(self.train_set.names)} ({', '.join(self.train_set.names)}): was its checkpoint "
                 f"trained on another dataset?")
-        self.make_loader = make_loader
+        # built once: persistent workers serve every epoch (set_epoch picks order and augmentation);
+        # a loader per epoch would fork its workers again each epoch
+        self.loader = make_loader(self.train_set, params.batch_size, shuffle=True, workers=params.workers,
+                                  seed=params.seed, pin_memory=self.device.type == "cuda")
         self.steps_per_epoch = math.ceil(len(self.train_set) / params.batch_size)
         total = self.steps_per_epoch * params.epochs
         for m in hooks.extra_modules:
@@ -191,7 +194,8 @@ class _Run:
         self.model.train()
         for m in self.hooks.extra_modules:
             m.train()
-        loader = self.make_loader(self.train_set, p.batch_size, shuffle=True, workers=p.workers, seed=p.seed, epoch=epoch)
+        self.train_set.set_epoch(epoch)
+        loader = self.loader
         sums: dict[str, float] = {}
         bar = tqdm(loader, total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{p.epochs}",
                    disable=not self.progress, leave=False, dynamic_ncols=True)
