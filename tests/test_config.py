@@ -84,3 +84,13 @@ def test_empty_file_gives_defaults(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text("")
     assert load_params(path) == Params()
+
+
+def test_bare_off_is_the_off_choice_and_not_a_bool(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("distill:\n  mode: off\ncompress:\n  final_retrain: off\n")
+    params = load_params(path)
+    assert params.distill.mode == "off" and params.compress.final_retrain == "off"
+    path.write_text("distill:\n  mode: on\n")  # true is no choice
+    with pytest.raises(ConfigError, match="distill.mode"):
+        load_params(path)

@@ -22,7 +22,7 @@ from slimloop.config import (
 )
 from slimloop.control import control_spec, fit_width, train_control
 from slimloop.errors import ConfigError
-from slimloop.loop import decide, final_retrain_epochs, loop_prune_params, rewind_saver, run_loop
+from slimloop.loop import decide, loop_prune_params, rewind_saver, run_loop
 from slimloop.measure import KEYS
 from slimloop.model import build_model, conv_widths
 from slimloop.profile import gflops
@@ -174,8 +174,7 @@ def test_loop_stops_at_target_with_rewind_and_joint_distillation(baseline, tiny_
     assert result.final_record["gflops"] <= base_gflops
 
 
-def test_final_retrain_trains_the_final_structure_from_scratch_for_the_control_budget(baseline, tiny_data,
-                                                                                       tmp_path):
+def test_final_retrain_trains_the_final_structure_again_and_counts_its_epochs(baseline, tiny_data, tmp_path):
     calls = []
 
     def run_step(name, fn, kwargs):
@@ -184,8 +183,9 @@ def test_final_retrain_trains_the_final_structure_from_scratch_for_the_control_b
 
     base_gflops = gflops(build_model(load_checkpoint(baseline).spec), 128)
     reference = {**rec(0.0, base_gflops), "imgsz": 128}
-    params = _params(compress=CompressParams(iterations=1, final_retrain="scratch", final_distill=True),
-                     distill=DistillParams(mode="off", epochs=1))
+    compress = CompressParams(iterations=1, final_retrain="scratch", final_epochs=2, final_lr0=0.05,
+                              final_distill=True)
+    params = _params(compress=compress, distill=DistillParams(mode="off", epochs=1))
     result = run_loop(baseline, reference, params, tiny_data, tmp_path, run_step=run_step)
     assert calls == ["sparse_train", "prune", "pad", "retrain", "final_retrain"]
     assert result.decision.best == 1
@@ -194,17 +194,17 @@ def test_final_retrain_trains_the_final_structure_from_scratch_for_the_control_b
     assert final.spec == loop_ckpt.spec  # the same structure ...
     assert not torch.equal(final.state_dict["layers.0.conv.weight"], loop_ckpt.state_dict["layers.0.conv.weight"])
     assert final.meta["retrain"]["mode"] == "scratch" and "teacher" in final.meta  # ... trained anew, distilled
-    epochs = params.train.epochs + result.epochs_to_final  # the control's budget
-    assert result.epochs_to_final == 1 + 1 and final.meta["train"]["epochs"] == epochs
+    assert final.meta["train"]["epochs"] == 2 and final.meta["train"]["lr0"] == 0.05
+    assert result.epochs_to_final == (1 + 1) + 2  # the control's budget beyond the baseline counts it
     again = it["steps"]["final_retrain"]
-    assert again is result.final_record and again["epochs"] == epochs and again["mode"] == "scratch"
+    assert again is result.final_record and again["epochs"] == 2 and again["mode"] == "scratch"
     assert again["distill"] == "joint"
     summary = result.summary()
-    assert summary["final_retrain"] == {"mode": "scratch", "epochs": epochs}
+    assert summary["final_retrain"] == {"mode": "scratch", "epochs": 2, "lr0": 0.05}
     assert summary["loop_record"] is it["steps"]["retrained"] and summary["record"] is again
     assert summary["map_drop"] == round(reference["map"] - again["map"], 6)
+    assert summary["epochs_total"] == 4
     json.dumps(summary)
-    assert final_retrain_epochs(params.model_copy(update={"compress": CompressParams(final_epochs=7)}), 4) == 7
 
 
 def test_rewind_without_checkpoint_is_a_config_error(tiny_data, tiny_spec, tmp_path):

@@ -31,8 +31,12 @@ class StrictModel(BaseModel):
     @classmethod
     def _no_bool_number_mixup(cls, value: Any, info: ValidationInfo) -> Any:
         """Refuse ``true`` for a number (lax pydantic makes ``lam: true`` 1.0) and anything but true or
-        false for a switch. Numbers as strings stay accepted: YAML 1.1 reads ``1e-4`` as a string."""
-        kinds = _scalar_kinds(cls.model_fields[info.field_name].annotation)
+        false for a switch. Numbers as strings stay accepted: YAML 1.1 reads ``1e-4`` as a string, and
+        ``mode: off`` as false, which means ``"off"`` where that is a choice."""
+        annotation = cls.model_fields[info.field_name].annotation
+        if value is False and get_origin(annotation) is Literal and "off" in get_args(annotation):
+            return "off"  # YAML 1.1 reads a bare `off` as false
+        kinds = _scalar_kinds(annotation)
         if isinstance(value, bool) and kinds and bool not in kinds:
             raise ValueError(f"expected a number, got {str(value).lower()}")
         if kinds == {bool} and not isinstance(value, bool):
@@ -268,11 +272,10 @@ class CompressParams(StrictModel):
     tolerance: float = Field(0.01, ge=0, description="largest allowed mAP@0.5:0.95 drop vs baseline (absolute)")
     imgsz: ImgSize | None = Field(None, description="evaluation size; null = train.imgsz")
     final_retrain: Literal["off", "scratch", "finetune"] = Field(
-        "off", description="after the loop, train the final model once more: its structure from scratch "
-                           "(plan C, the report's 'nas' row) or its weights further (at retrain.lr0)")
-    final_epochs: int | None = Field(
-        None, ge=1, description="epochs of the final retraining; null = the control's budget: "
-                                "train.epochs plus the loop's epochs to the final model")
+        "off", description="after the loop, train the final model once more: its weights further, or its "
+                           "structure from random weights (plan C, the report's 'nas' row)")
+    final_epochs: int | None = Field(None, ge=1, description="epochs of the final retraining; null = train.epochs")
+    final_lr0: float | None = Field(None, gt=0, description="its initial learning rate (cosine to lrf); null = train.lr0")
     final_distill: bool = Field(False, description="distill from the baseline during the final retraining")
 
 

@@ -125,19 +125,22 @@ class LoopResult:
 
     @property
     def epochs_to_final(self) -> int:
-        """Epochs trained along the final model's lineage (iterations 1..best)."""
-        return sum(it["epochs"] for it in self.iterations[: self.decision.best])
+        """Epochs trained along the final model's lineage: iterations 1..best and the final retraining."""
+        again = self.final_retrain["epochs"] if self.final_retrain else 0
+        return sum(it["epochs"] for it in self.iterations[: self.decision.best]) + again
 
     def summary(self) -> dict[str, Any]:
         """JSON-able summary (``metrics/final.json``): which iteration is final and why it stopped.
 
         ``record`` is the final model's; ``loop_record`` the final iteration's before the final
-        retraining (the same record when there was none); ``epochs_to_final`` counts loop epochs only.
+        retraining (the same record when there was none). ``epochs_to_final`` (the control's budget
+        beyond the baseline's) and ``epochs_total`` include the final retraining.
         """
         return {"final_iteration": self.decision.best, "reason": self.decision.reason,
                 "accepted": list(self.decision.accepted), "iterations_run": len(self.iterations),
                 "checkpoint": str(self.final_checkpoint), "epochs_to_final": self.epochs_to_final,
-                "epochs_total": sum(it["epochs"] for it in self.iterations),
+                "epochs_total": sum(it["epochs"] for it in self.iterations)
+                + (self.final_retrain["epochs"] if self.final_retrain else 0),
                 "map_drop": round(map_drop(self.final_record, self.baseline), 6),
                 "final_retrain": self.final_retrain, "loop_record": self.loop_record or self.final_record,
                 "record": self.final_record, "baseline": self.baseline}
@@ -213,27 +216,25 @@ def _iteration(ctx: _Context, k: int, current: Path, masks: list[Path]) -> tuple
             "gamma_histogram": sparse.extra.get("histogram", [])}, final.checkpoint
 
 
-def final_retrain_epochs(params: Params, loop_epochs: int) -> int:
-    """``compress.final_epochs``, or the control's budget: ``train.epochs`` plus the loop's epochs."""
-    return params.compress.final_epochs or params.train.epochs + loop_epochs
-
-
-def _final_retrain(ctx: _Context, best: int, ckpt: Path, masks: list[Path],
-                   loop_epochs: int) -> tuple[StepResult, dict[str, Any]] | None:
-    """Train the final model once more (``compress.final_retrain``): its structure from scratch (plan
-    C: the pruned, padded widths as a found architecture) or its weights further. None when off."""
+def _final_retrain(ctx: _Context, best: int, ckpt: Path,
+                   masks: list[Path]) -> tuple[StepResult, dict[str, Any]] | None:
+    """Train the final model once more (``compress.final_retrain``): its weights further, or its
+    structure from random weights (plan C: the pruned, padded widths as a found architecture), for
+    ``compress.final_epochs`` (default ``train.epochs``) at ``compress.final_lr0`` (default
+    ``train.lr0``) on a cosine schedule; finetuning skips the warm-up. None when off."""
     p = ctx.params
     mode = p.compress.final_retrain
     if mode == "off" or best == 0:
         return None
-    epochs = final_retrain_epochs(p, loop_epochs)
-    retrain = p.retrain.model_copy(update={"mode": mode, "epochs": epochs, "scratch_budget": False})
+    epochs, lr0 = p.compress.final_epochs or p.train.epochs, p.compress.final_lr0 or p.train.lr0
+    retrain = p.retrain.model_copy(
+        update={"mode": mode, "epochs": epochs, "lr0": lr0, "warmup_epochs": 0, "scratch_budget": False})
     kwargs: dict[str, Any] = dict(
-        ckpt=ckpt, data_root=ctx.data_root, retrain=retrain, train_params=p.train, eval_params=p.eval,
-        out_dir=ctx.work_dir / "final_retrain", imgsz=ctx.imgsz, progress=ctx.progress)
+        ckpt=ckpt, data_root=ctx.data_root, retrain=retrain, train_params=p.train.model_copy(update={"lr0": lr0}),
+        eval_params=p.eval, out_dir=ctx.work_dir / "final_retrain", imgsz=ctx.imgsz, progress=ctx.progress)
     if p.compress.final_distill:
         kwargs.update(distill=p.distill, teacher=Lineage(ctx.baseline_ckpt, tuple(masks[:best])))
-    return ctx.run_step("final_retrain", retrain_step, kwargs), {"mode": mode, "epochs": epochs}
+    return ctx.run_step("final_retrain", retrain_step, kwargs), {"mode": mode, "epochs": epochs, "lr0": lr0}
 
 
 def _reference(ctx: _Context, record: dict[str, Any]) -> dict[str, Any]:
@@ -301,7 +302,7 @@ def run_loop(baseline_ckpt: Path, baseline_record: dict[str, Any], params: Param
     best = decision.best
     final_record = baseline if best == 0 else iterations[best - 1]["steps"][iterations[best - 1]["final_step"]]
     result = LoopResult(iterations, decision, baseline, checkpoints[best], final_record)
-    retrained = _final_retrain(ctx, best, checkpoints[best], masks, result.epochs_to_final)
+    retrained = _final_retrain(ctx, best, checkpoints[best], masks)
     if retrained is not None:
         step, info = retrained
         iterations[best - 1]["steps"]["final_retrain"] = step.record
