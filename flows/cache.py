@@ -7,6 +7,7 @@ import importlib
 import inspect
 import json
 import os
+import re
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,37 @@ def store_dir() -> Path:
     env = os.environ.get(ENV_STORE)
     base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "slimloop" / "steps"
     return base.expanduser().resolve()
+
+
+STORE_MARKER = ".slimloop-store"  # in the store's root: only such a folder is ever pruned
+_STORE_NAMES = re.compile(r"[0-9a-f]{32}|results|work|\.slimloop-store")
+
+
+def open_store(root: Path | None = None) -> Path:
+    """The step store's root (default :func:`store_dir`), created with its marker when missing.
+
+    A folder without the marker becomes a store only when it is empty or holds nothing but store
+    entries (a store made before the marker existed); any other folder is refused, so a mistyped
+    ``$SLIMLOOP_CACHE`` (a home directory, say) is never written into or pruned.
+
+    Raises:
+        ConfigError: ``root`` is a file, or a folder that is not a step store.
+    """
+    from slimloop.errors import ConfigError
+
+    root = store_dir() if root is None else Path(root)
+    if (root / STORE_MARKER).is_file():
+        return root
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"{ENV_STORE}={root}: is a file, not a step store folder")
+    foreign = sorted(p.name for p in root.iterdir() if not _STORE_NAMES.fullmatch(p.name)) if root.is_dir() else []
+    if foreign:
+        raise ConfigError(f"{ENV_STORE}={root}: this folder is not a slimloop step store (it holds "
+                          f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''} and no {STORE_MARKER}); "
+                          "point it at an empty or new folder")
+    root.mkdir(parents=True, exist_ok=True)
+    (root / STORE_MARKER).write_text("slimloop step store: python -m flows.store size | prune\n", encoding="utf-8")
+    return root
 
 
 def _file_digest(path: Path, digest: Any) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.transactions import get_transaction
 
-from flows.cache import StepCachePolicy, step_key, store_dir
+from flows.cache import StepCachePolicy, open_store, step_key, store_dir
 from flows.common import base_parser, run_entry
 from flows.store import touch_entry
 from slimloop.config import Params, load_params
@@ -166,6 +166,7 @@ def compress_flow(params: Params, baseline_dir: Path = BASELINE, out_dir: Path =
 
     runners = {"prefect": prefect_run_step, "store": local_run_step, "direct": None}
     record = read_stage_json(metrics_dir / "baseline.json", "baseline")
+    open_store()
     result = run_loop(baseline_dir / "best.safetensors", record, params, Path(params.data.out_dir),
                       store_dir() / "work", run_step=runners[steps],
                       rewind_ckpt=baseline_dir / "rewind.safetensors", progress=progress)

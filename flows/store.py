@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flows.cache import store_dir
+from flows.cache import ENV_STORE, STORE_MARKER, store_dir
 from flows.common import run_entry
 from slimloop.errors import SlimloopError
 
@@ -243,7 +243,14 @@ def print_size(root: Path, top: int) -> None:
 
 
 def prune(root: Path, metrics_dirs: list[Path], keep_days: float, dry_run: bool) -> int:
-    """Remove what :func:`plan_prune` lists (or only print it); returns the bytes freed."""
+    """Remove what :func:`plan_prune` lists (or only print it); returns the bytes freed.
+
+    Raises:
+        StoreError: ``root`` has no store marker (it is not a step store slimloop made).
+    """
+    if not (root / STORE_MARKER).is_file():
+        raise StoreError(f"refusing to prune {root}: it is not a slimloop step store (no {STORE_MARKER}); "
+                         f"check {ENV_STORE}")
     entries = scan(root)
     referenced = referenced_keys(metrics_dirs)
     plan = plan_prune(entries, root, referenced, keep_days, time.time())

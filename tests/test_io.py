@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from slimloop.io import atomic_dir, atomic_path, write_json_atomic
+from slimloop.io import OUTPUT_MARKER, atomic_dir, atomic_path, write_json_atomic
 
 
 def test_json_written(tmp_path):
@@ -40,8 +40,9 @@ def test_atomic_dir_swaps_and_rolls_back(tmp_path):
     with pytest.raises(RuntimeError), atomic_dir(out) as tmp:
         (tmp / "b.txt").write_text("2")
         raise RuntimeError("crash")
-    assert sorted(p.name for p in out.iterdir()) == ["a.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [OUTPUT_MARKER, "a.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
     with atomic_dir(out) as tmp:
         (tmp / "c.txt").write_text("3")
-    assert sorted(p.name for p in out.iterdir()) == ["c.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [OUTPUT_MARKER, "c.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]

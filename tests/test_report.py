@@ -14,6 +14,7 @@ from PIL import Image
 
 from slimloop.config import DataParams, EvalParams, Params, ReportParams
 from slimloop.errors import ConfigError
+from slimloop.io import OUTPUT_MARKER
 from slimloop.report import (
     PLOTS,
     comparison_rows,
@@ -107,7 +108,8 @@ def written(tmp_path_factory, models_dir, tiny_data):
     root = tmp_path_factory.mktemp("report")
     out = root / "reports"
     out.mkdir()
-    (out / "stale.png").write_bytes(b"old")  # the folder is replaced as a whole
+    (out / "stale.png").write_bytes(b"old")  # the folder is replaced as a whole: it is slimloop's
+    (out / OUTPUT_MARKER).write_text("")
     inputs = load_inputs(write_metrics(root / "metrics"))
     report = write_report(inputs, out, ReportParams(gallery=2, dpi=50), EVAL, tiny_data, checkpoints(models_dir))
     return out, report
@@ -141,7 +143,7 @@ def test_summary_rows_in_order_with_formatted_numbers(written):
 
 def test_every_png_is_a_valid_image_and_nothing_else_is_written(written):
     out, _ = written
-    assert sorted(p.name for p in out.iterdir()) == sorted(["summary.md", *PLOTS])
+    assert sorted(p.name for p in out.iterdir()) == sorted([OUTPUT_MARKER, "summary.md", *PLOTS])
     for name in PLOTS:
         with Image.open(out / name) as img:
             assert img.format == "PNG" and img.width > 100 and img.height > 100

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from flows.cache import store_dir
+from flows.cache import STORE_MARKER, open_store
 from flows.store import MANIFEST, StoreError, human, main, remove, scan, touch_entry
 
 DAY = 86400
@@ -61,7 +61,7 @@ def store(tmp_path, monkeypatch):
     work/ 5 days old; outside/ a folder outside the store that entry h links to.
     """
     monkeypatch.setenv("SLIMLOOP_CACHE", str(tmp_path / "store"))
-    root = store_dir()
+    root = open_store()
     _entry(root, _key("a"), 1000, 40)
     _entry(root, _key("b"), 2000, 2)
     _entry(root, _key("c"), 3000, 30)
@@ -103,7 +103,8 @@ def test_size_lists_total_entries_and_largest(store, capsys):
     records = sum(p.stat().st_size for p in (store / "results").iterdir())
     link = os.lstat(store / _key("h")).st_size  # the link itself, not the 9000 bytes behind it
     manifest = (store / _key("j") / MANIFEST).stat().st_size
-    total = 1000 + 2000 + 3000 + 400 + 500 + 100 + 600 + manifest + 700 + records + link
+    marker = (store / STORE_MARKER).stat().st_size
+    total = 1000 + 2000 + 3000 + 400 + 500 + 100 + 600 + manifest + 700 + records + link + marker
     assert out[0] == f"store {store}: {human(total)} in 10 entries (work/: 700 B)"
     assert out[1] == "largest 2:"
     assert out[2].split()[2] == _key("c") and out[3].split()[2] == _key("b")
@@ -123,7 +124,7 @@ def test_prune_keeps_referenced_and_recent(store, tmp_path, capsys):
     out = capsys.readouterr().out
     left = {p.name for p in store.iterdir()}
     records = {p.name for p in (store / "results").iterdir()}
-    assert left == {_key(c) for c in "abehij"} | {"results"}  # c stale, d orphan, work/ scratch
+    assert left == {_key(c) for c in "abehij"} | {"results", STORE_MARKER}  # c stale, d orphan, work/ scratch
     assert records == {_key(c) for c in "abgi"}  # c stale, f orphan; g recent
     assert (tmp_path / "outside" / "precious.safetensors").stat().st_size == 9000
     removed = [line for line in out.splitlines() if line.startswith("removed")]
@@ -138,7 +139,7 @@ def test_prune_keeps_referenced_and_recent(store, tmp_path, capsys):
 def test_keep_days_zero_removes_all_unreferenced(store, capsys):
     main(["prune", "--keep-days", "0"])
     left = {p.name for p in store.iterdir()}
-    assert left == {_key(c) for c in "aih"} | {"results"}  # e is written "now" but grace is 0 days
+    assert left == {_key(c) for c in "aih"} | {"results", STORE_MARKER}  # e is written "now" but grace is 0 days
     assert {p.name for p in (store / "results").iterdir()} == {_key(c) for c in "ai"}
 
 

@@ -13,6 +13,10 @@ class ConfigError(SlimloopError):
     """params.yaml (or a flow parameter) is invalid; the message names the key."""
 
 
+class OutputPathError(ConfigError):
+    """An output path slimloop must not write or replace (a user's folder, a file, a link, the project)."""
+
+
 class CheckpointError(SlimloopError):
     """A checkpoint file is missing, corrupt, or does not match the expected spec."""
 

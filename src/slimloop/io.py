@@ -7,11 +7,11 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from slimloop.errors import ConfigError
+from slimloop.errors import ConfigError, OutputPathError
 
 
 def _umask() -> int:
@@ -28,10 +28,13 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     On any exception the temporary file is removed and ``path`` is left as it was.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent
-    )
+    _make_parent(path)
+    if path.is_dir() and not path.is_symlink():
+        raise OutputPathError(f"{path}: is a folder; slimloop will not replace a folder with a file")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
+    except PermissionError:
+        raise OutputPathError(f"{path}: cannot write in {path.parent}: permission denied") from None
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; final files get the usual mode
@@ -61,29 +64,134 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2)
     write_text_atomic(path, json.dumps(obj, indent=indent, allow_nan=False) + "\n")
 
 
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory beside ``path``; swap it into place if the block succeeds.
+OUTPUT_MARKER = ".slimloop-output"  # in every folder atomic_dir makes: only such folders are replaced
+_MARKER_TEXT = "This folder was written by slimloop; slimloop may replace it.\n"
 
-    Any previous directory at ``path`` is replaced only after the new one is complete,
-    so a failed run leaves either the old directory or nothing, never a half-written one.
+
+def _real(path: str | os.PathLike) -> Path:
+    return Path(os.path.realpath(path))
+
+
+def _overlap(out: Path, other: Path, inside: bool) -> str | None:
+    """How ``out`` overlaps ``other`` (both real paths): equal, contains it, or (``inside``) lies in it."""
+    if out == other:
+        return "is"
+    if other.is_relative_to(out):
+        return "contains"
+    if inside and out.is_relative_to(other):
+        return "is inside"
+    return None
+
+
+class Protected(NamedTuple):
+    """A path an output folder must not equal or contain; with ``inside``, nor lie inside it."""
+
+    what: str  # how the error names it: "the dataset source", "the project folder"
+    path: Path
+    inside: bool = True
+
+
+def check_output_dir(path: str | os.PathLike, protected: Iterable[Protected] = ()) -> None:
+    """Refuse an output folder that slimloop must not replace, before anything is written.
+
+    Refused: the current directory or a folder that contains it; a symbolic link; a file; an
+    existing non-empty folder without :data:`OUTPUT_MARKER` (slimloop did not make it); and a
+    folder equal to or containing a ``protected`` path (or inside it, where it says so).
+
+    Raises:
+        OutputPathError: naming the path and the reason.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_umask())
+    out, cwd = _real(path), _real(Path.cwd())
+    if _overlap(out, cwd, inside=False):
+        raise OutputPathError(f"{path}: refusing to use it as an output folder: it is or contains the current "
+                              f"directory {cwd}, which slimloop would replace")
+    for guard in protected:
+        if how := _overlap(out, _real(guard.path), guard.inside):
+            raise OutputPathError(f"{path}: refusing to use it as an output folder: it {how} {guard.what} "
+                                  f"{guard.path}")
+    if path.is_symlink():
+        raise OutputPathError(f"{path}: refusing to replace a symbolic link (to {os.readlink(path)}); "
+                              "slimloop replaces only folders it made")
+    if path.exists() and not path.is_dir():
+        raise OutputPathError(f"{path}: exists and is not a folder; slimloop will not replace a file with a folder")
+    if path.is_dir() and not (path / OUTPUT_MARKER).is_file() and any(path.iterdir()):
+        raise OutputPathError(f"{path}: exists, is not empty and was not written by slimloop (it has no "
+                              f"{OUTPUT_MARKER}); move it away or choose another output folder")
+
+
+def _make_parent(path: Path) -> None:
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise OutputPathError(f"{path}: cannot create it: a part of {path.parent} is a file, not a folder") from None
+    except PermissionError:
+        raise OutputPathError(f"{path}: cannot create it: permission denied in {path.parent}") from None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_siblings(path: Path) -> None:
+    """Remove temporaries of earlier atomic_dir calls on ``path`` whose process died (killed runs)."""
+    for sibling in path.parent.glob(f".{path.name}.*.slimloop-tmp*"):
+        pid = sibling.name.split(".")[-2]
+        if (sibling / OUTPUT_MARKER).is_file() and pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(sibling, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, protected: Iterable[Protected] = ()) -> Iterator[Path]:
+    """Yield a temporary directory beside ``path``; swap it into place if the block succeeds.
+
+    Any previous directory at ``path`` is replaced only after the new one is complete, so a failed
+    run leaves either the old directory or nothing, never a half-written one. Only a folder that
+    slimloop made (it holds :data:`OUTPUT_MARKER`, which the new folder gets too) or an empty one is
+    replaced: :func:`check_output_dir` runs (with ``protected``) before the block and again before
+    the swap. No temporary is left behind, after success or failure; those of killed runs are
+    removed on the next call.
+
+    Raises:
+        OutputPathError: ``path`` must not be replaced, or its parent cannot be created.
+    """
+    path, protected = Path(path), tuple(protected)
+    check_output_dir(path, protected)
+    _make_parent(path)
+    _remove_stale_siblings(path)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=f".{os.getpid()}.slimloop-tmp", dir=path.parent))
+    except PermissionError:
+        raise OutputPathError(f"{path}: cannot write in {path.parent}: permission denied") from None
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())
+        (tmp / OUTPUT_MARKER).write_text(_MARKER_TEXT, encoding="utf-8")
         yield tmp
+        check_output_dir(path, protected)
+        _swap(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a swap
+
+
+def _swap(tmp: Path, path: Path) -> None:
+    """Move ``tmp`` to ``path``; an old folder there goes into ``tmp``'s name and is then removed."""
+    if not path.exists():
+        os.replace(tmp, path)
+        return
+    old = tmp.with_name(tmp.name + "-old")
+    os.replace(path, old)
+    try:
+        os.replace(tmp, path)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        os.replace(old, path)
         raise
-    old = None
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    os.replace(old, tmp)  # removed by the caller's finally, as a temporary of this process
 
 
 def read_stage_json(path: str | os.PathLike, stage: str) -> Any:

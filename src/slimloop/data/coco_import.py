@@ -6,6 +6,7 @@ import json
 import math
 import os
 import reprlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import numpy as np
 from slimloop.config import CocoSource
 from slimloop.data.validate import Candidate, Draft, SplitDraft, finish_import
 from slimloop.errors import Problem
+from slimloop.io import Protected
 
 
 @dataclass
@@ -251,7 +253,7 @@ def _split_draft(name: str, json_path: Path, images: Path, parse: CocoParse) -> 
 
 
 def import_coco(source: CocoSource, base: str | Path, out_dir: str | Path, skip_invalid: bool = False,
-                progress: bool = False) -> dict[str, Any]:
+                progress: bool = False, protected: Iterable[Protected] = ()) -> dict[str, Any]:
     """Import a COCO dataset (one JSON and one image folder per split) into the canonical form.
 
     Every split must have the same categories as train. Crowd annotations (``iscrowd: 1``) are
@@ -263,6 +265,7 @@ def import_coco(source: CocoSource, base: str | Path, out_dir: str | Path, skip_
         out_dir: canonical dataset root; replaced only when the import succeeds.
         skip_invalid: drop invalid images (listed in ``<out_dir>/invalid.json``) instead of failing.
         progress: show progress bars.
+        protected: paths ``out_dir`` must keep clear of (besides the JSON files and image folders).
 
     Returns:
         ``skipped``, ``dropped``, ``ignored_crowd`` and ``report`` (see ``finish_import``).
@@ -271,7 +274,7 @@ def import_coco(source: CocoSource, base: str | Path, out_dir: str | Path, skip_
         DataError: listing every problem found.
     """
     paths, fatal = _split_paths(source, Path(base))
-    draft = Draft([], [], fatal)
+    draft = Draft([], [], fatal, sources=[p for _, js, images in paths for p in (js, images)])
     reference: tuple[str, list[tuple[int, str]]] | None = None
     for name, json_path, images in paths:
         coco, problems = _load_json(json_path)
@@ -290,4 +293,4 @@ def import_coco(source: CocoSource, base: str | Path, out_dir: str | Path, skip_
         draft.dropped.extend(parse.dropped)
         draft.ignored_crowd += parse.ignored_crowd
     draft.names = [n for _, n in reference[1]] if reference else []
-    return finish_import(draft, Path(out_dir), skip_invalid, progress)
+    return finish_import(draft, Path(out_dir), skip_invalid, progress, protected)

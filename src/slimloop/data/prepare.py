@@ -9,6 +9,7 @@ from slimloop.config import DataParams
 from slimloop.data.canonical import SPLITS, annotation_path, read_split
 from slimloop.data.coco_import import import_coco
 from slimloop.data.yolo import import_yolo
+from slimloop.io import Protected, check_output_dir
 
 
 def summarize_dataset(root: str | Path) -> dict[str, Any]:
@@ -56,18 +57,22 @@ def prepare_dataset(data: DataParams, project_root: Path, progress: bool = True)
 
     Raises:
         DataError: the source data has problems (all of them are listed).
+        OutputPathError: ``out_dir`` is, contains or lies in the source, contains the project, or
+            is an existing folder slimloop did not write.
     """
     project_root = Path(project_root)
     out_dir = project_root / data.out_dir
+    guard = [Protected("the project folder", project_root, inside=False)]
+    check_output_dir(out_dir, guard)
     if data.source == "synthetic":
         from slimloop.data.synth import generate_dataset  # heavy (rendering); only when needed
 
-        generate_dataset(out_dir, data, progress)
+        generate_dataset(out_dir, data, progress, protected=guard)
         report: dict[str, Any] = {"skipped": 0, "dropped": 0, "ignored_crowd": 0, "report": None}
     elif data.source == "yolo":
         assert data.yolo is not None  # guaranteed by DataParams validation
-        report = import_yolo(project_root / data.yolo.data_yaml, out_dir, data.skip_invalid, progress)
+        report = import_yolo(project_root / data.yolo.data_yaml, out_dir, data.skip_invalid, progress, guard)
     else:
         assert data.coco is not None  # guaranteed by DataParams validation
-        report = import_coco(data.coco, project_root, out_dir, data.skip_invalid, progress)
+        report = import_coco(data.coco, project_root, out_dir, data.skip_invalid, progress, guard)
     return {"source": data.source, "out_dir": str(out_dir), **summarize_dataset(out_dir), **report}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import multiprocessing
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -31,7 +31,7 @@ from slimloop.data.render import (
     region_polygon,
     warp_art,
 )
-from slimloop.io import atomic_dir
+from slimloop.io import Protected, atomic_dir
 
 CLASSES = ("barcode", "qrcode")
 SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
@@ -311,7 +311,8 @@ def _render_all(
 
 
 def generate_dataset(
-    out_dir: str | Path, data: DataParams, progress: bool = True, workers: int | None = None
+    out_dir: str | Path, data: DataParams, progress: bool = True, workers: int | None = None,
+    protected: Iterable[Protected] = (),
 ) -> dict[str, Split]:
     """Generate the synthetic dataset in canonical form (all or nothing) at ``out_dir``.
 
@@ -324,6 +325,7 @@ def generate_dataset(
         progress: show a tqdm bar over images.
         workers: worker processes; None uses 2 from POOL_MIN_IMAGES images on, else none.
             The output is byte-identical whatever the number.
+        protected: paths ``out_dir`` must keep clear of (besides ``backgrounds_dir``).
 
     Returns:
         The annotations of each split.
@@ -336,7 +338,9 @@ def generate_dataset(
     tasks = [(split, i) for split in SPLITS for i in range(getattr(params, split))]
     if workers is None:
         workers = 2 if len(tasks) >= POOL_MIN_IMAGES else 0
-    with atomic_dir(out_dir) as tmp:
+    if params.backgrounds_dir:
+        protected = [*protected, Protected("the backgrounds folder", Path(params.backgrounds_dir))]
+    with atomic_dir(out_dir, protected) as tmp:
         for split in SPLITS:
             image_dir(tmp, split).mkdir(parents=True, exist_ok=True)
         job = _Job(data.seed, params, tmp, backgrounds)

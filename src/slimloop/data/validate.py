@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import shutil
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from tqdm import tqdm
 
 from slimloop.data.canonical import Sample, Split, image_dir, write_annotations
 from slimloop.errors import DataError, Problem
-from slimloop.io import atomic_dir, write_json_atomic
+from slimloop.io import Protected, atomic_dir, check_output_dir, write_json_atomic
 
 IMAGE_SUFFIXES = frozenset({".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".pgm", ".ppm"})
 TOLERANCE = 1e-3  # boxes may overshoot the image by this fraction of its side; they are clipped
@@ -63,6 +64,7 @@ class Draft:
     fatal: list[Problem] = field(default_factory=list)  # dataset-level: never skippable
     dropped: list[Problem] = field(default_factory=list)  # records that belong to no image
     ignored_crowd: int = 0
+    sources: list[Path] = field(default_factory=list)  # files and folders read: the output must stay clear
 
 
 def _pil_error(data: bytes, suffix: str) -> str | None:
@@ -239,7 +241,8 @@ def _probe_all(draft: Draft, progress: bool) -> dict[str, list[tuple[Candidate, 
     return checked
 
 
-def finish_import(draft: Draft, out_dir: Path, skip_invalid: bool, progress: bool = False) -> dict:
+def finish_import(draft: Draft, out_dir: Path, skip_invalid: bool, progress: bool = False,
+                  protected: Iterable[Protected] = ()) -> dict:
     """Validate every image of ``draft`` and write the canonical dataset to ``out_dir`` atomically.
 
     Every problem is collected before anything is decided. Strict mode (``skip_invalid`` False)
@@ -252,13 +255,17 @@ def finish_import(draft: Draft, out_dir: Path, skip_invalid: bool, progress: boo
         out_dir: the canonical dataset root; replaced only when the import succeeds.
         skip_invalid: skip bad samples instead of failing.
         progress: show a progress bar while probing images.
+        protected: paths ``out_dir`` must keep clear of, besides ``draft.sources``.
 
     Returns:
         ``{"skipped": n_images, "dropped": n_records, "ignored_crowd": n, "report": path}``.
 
     Raises:
         DataError: listing every problem found.
+        OutputPathError: ``out_dir`` is, contains or lies in the source, or is not slimloop's to replace.
     """
+    protected = [*protected, *(Protected("the dataset source", p) for p in draft.sources)]
+    check_output_dir(out_dir, protected)  # before the images are probed: that can take minutes
     checked = _probe_all(draft, progress)
     sample_problems = [p for rows in checked.values() for c, _ in rows for p in c.problems]
     fatal = list(draft.fatal)
@@ -274,14 +281,15 @@ def finish_import(draft: Draft, out_dir: Path, skip_invalid: bool, progress: boo
                for name, rows in checked.items() for c, _ in rows if c.problems]
     report = {"skipped": skipped, "dropped": [_problem_dict(p) for p in draft.dropped],
               "ignored_crowd": draft.ignored_crowd}
-    _write(out_dir, draft.names, kept, report, progress)
+    _write(out_dir, draft.names, kept, report, progress, protected)
     return {"skipped": len(skipped), "dropped": len(draft.dropped),
             "ignored_crowd": draft.ignored_crowd, "report": str(out_dir / REPORT_NAME)}
 
 
-def _write(out_dir: Path, names: list[str], kept: dict, report: dict, progress: bool) -> None:
+def _write(out_dir: Path, names: list[str], kept: dict, report: dict, progress: bool,
+           protected: list[Protected]) -> None:
     """Copy the kept images and write the annotations and report, all inside one atomic folder."""
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, protected) as tmp:
         for split_name, rows in kept.items():
             dest = image_dir(tmp, split_name)
             dest.mkdir(parents=True, exist_ok=True)

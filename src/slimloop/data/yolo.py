@@ -6,7 +6,7 @@ import math
 import os
 import reprlib
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from slimloop.data.validate import (
     finish_import,
 )
 from slimloop.errors import DataError, Problem
-from slimloop.io import atomic_dir, write_text_atomic
+from slimloop.io import Protected, atomic_dir, write_text_atomic
 
 _FIELDS = ("class", "cx", "cy", "w", "h")
 _MIN_DECIMALS, _MAX_DECIMALS = 6, 12  # export precision: see _label_lines
@@ -212,9 +212,10 @@ def _list_file(path: Path) -> tuple[list[tuple[Path, str]], list[Problem]]:
 
 
 def _split_images(
-    value: Any, root: Path, key: str, where: Where
+    value: Any, root: Path, key: str, where: Where, sources: list[Path]
 ) -> tuple[list[tuple[Path, str]], list[Problem], list[Problem]]:
-    """Images of one split entry: (image, listed_at) pairs, fatal problems, dropped records."""
+    """Images of one split entry: (image, listed_at) pairs, fatal problems, dropped records; the
+    folders and list files it reads are added to ``sources``."""
     entries = value if isinstance(value, list) else [value]
     if not entries or not all(isinstance(e, str) and e for e in entries):
         return [], [where(key, f"{key} must be a folder, a .txt list file, or a list of them")], []
@@ -223,9 +224,11 @@ def _split_images(
     for entry in entries:
         path = Path(os.path.normpath(root / entry))
         if path.is_dir():
+            sources.extend([path, label_path_for(path / "image.jpg").parent])
             found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
             images.extend((p, "") for p in found)
         elif path.is_file() and path.suffix.lower() == ".txt":
+            sources.append(path)
             listed, problems = _list_file(path)
             images.extend(listed)
             dropped.extend(problems)
@@ -265,7 +268,7 @@ def _candidate(image: Path, listed_at: str, nc: int | None) -> tuple[Candidate, 
 
 def _add_split(draft: Draft, key: str, value: Any, root: Path, where: Where, origin: str) -> int:
     """Add one split's candidates and problems to ``draft``; return how many lack a label file."""
-    images, fatal, dropped = _split_images(value, root, key, where)
+    images, fatal, dropped = _split_images(value, root, key, where, draft.sources)
     images, duplicates = _dedupe(images)
     draft.fatal.extend(fatal)
     draft.dropped.extend(dropped + duplicates)
@@ -277,7 +280,7 @@ def _add_split(draft: Draft, key: str, value: Any, root: Path, where: Where, ori
 
 
 def import_yolo(data_yaml: str | Path, out_dir: str | Path, skip_invalid: bool = False,
-                progress: bool = False) -> dict[str, Any]:
+                progress: bool = False, protected: Iterable[Protected] = ()) -> dict[str, Any]:
     """Import an ultralytics-style YOLO dataset into the canonical form at ``out_dir``.
 
     ``path`` (optional) is relative to the yaml's folder; ``train``, ``val``, ``test`` (optional)
@@ -290,6 +293,7 @@ def import_yolo(data_yaml: str | Path, out_dir: str | Path, skip_invalid: bool =
         out_dir: canonical dataset root; replaced only when the import succeeds.
         skip_invalid: drop invalid images (listed in ``<out_dir>/invalid.json``) instead of failing.
         progress: show progress bars.
+        protected: paths ``out_dir`` must keep clear of (besides the dataset's own files).
 
     Returns:
         ``skipped``, ``dropped``, ``ignored_crowd`` (always 0), ``report`` and ``missing_labels``.
@@ -309,14 +313,14 @@ def import_yolo(data_yaml: str | Path, out_dir: str | Path, skip_invalid: bool =
         root = Path(os.path.normpath(root / raw["path"]))
     elif raw.get("path") is not None:
         fatal.append(where("path", "path must be a string"))
-    draft = Draft(names or [], [], fatal)
+    draft = Draft(names or [], [], fatal, sources=[data_yaml])
     missing = 0
     for key in SPLITS:
         if raw.get(key) is not None:
             missing += _add_split(draft, key, raw[key], root, where, str(data_yaml))
         elif key != "test":
             fatal.append(where(key, f"{key} is missing"))
-    return {**finish_import(draft, Path(out_dir), skip_invalid, progress), "missing_labels": missing}
+    return {**finish_import(draft, Path(out_dir), skip_invalid, progress, protected), "missing_labels": missing}
 
 
 def _canonical_bboxes(sample: Sample, boxes: np.ndarray) -> list[list[float]]:
