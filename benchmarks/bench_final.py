@@ -51,7 +51,7 @@ def pad_masks(ckpt: Path, store: Path) -> Path:
 
 def variant_kwargs(params: Any, ckpt: Path, masks: list[Path], settings: dict[str, str], work: Path) -> dict:
     """``retrain_step`` kwargs as the loop builds them for its final retraining, with ``settings`` applied."""
-    from slimloop.compress import Lineage
+    from slimloop.compress.steps import Lineage
 
     c = params.compress
     mode = settings.get("mode", c.final_retrain if c.final_retrain != "off" else "finetune")
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     from flows.cache import store_dir
     from flows.compress import local_run_step
 
-    from slimloop.compress import retrain_step
+    from slimloop.compress.retrain import retrain_step
     from slimloop.config import load_params
     from slimloop.io import write_json_atomic
 

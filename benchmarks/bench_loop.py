@@ -92,7 +92,7 @@ def main() -> None:
         sys.path.insert(0, str(ROOT))  # flows/ is not installed: it runs from the project root
         from flows.compress import local_run_step
 
-        from slimloop.loop import run_loop
+        from slimloop.compress.loop import run_loop
 
         seconds: list[dict[str, Any]] = []
         start = time.perf_counter()
@@ -102,7 +102,7 @@ def main() -> None:
         wall = time.perf_counter() - start
         control = None
         if args.control:
-            from slimloop.control import train_control
+            from slimloop.compress.control import train_control
 
             start = time.perf_counter()
             epochs = params.train.epochs + result.epochs_to_final

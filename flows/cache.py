@@ -18,7 +18,9 @@ from pydantic import BaseModel
 ENV_STORE = "SLIMLOOP_CACHE"
 # Modules whose code decides what a step produces: a change to any of them invalidates the cache.
 CODE_MODULES = (
-    "slimloop.compress", "slimloop.prune", "slimloop.train", "slimloop.optim", "slimloop.distill",
+    "slimloop.compress.steps", "slimloop.compress.groups", "slimloop.compress.surgery",
+    "slimloop.compress.sparse", "slimloop.compress.prune", "slimloop.compress.pad",
+    "slimloop.compress.retrain", "slimloop.compress.distill", "slimloop.train", "slimloop.optim",
     "slimloop.checkpoint", "slimloop.evaluate", "slimloop.profile", "slimloop.measure",
     "slimloop.postprocess", "slimloop.model.spec", "slimloop.model.build", "slimloop.model.blocks",
     "slimloop.model.loss", "slimloop.data.dataset", "slimloop.data.augment",

@@ -76,13 +76,13 @@ def step_task(name: str, fn: str, kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _step_result(out: dict[str, Any]):
-    from slimloop.compress import StepResult
+    from slimloop.compress.steps import StepResult
 
     return StepResult(Path(out["checkpoint"]), out["record"], out["extra"])
 
 
 def prefect_run_step(name: str, fn, kwargs: dict[str, Any]):
-    """``run_step`` for :func:`slimloop.loop.run_loop`: each step a cached Prefect task.
+    """``run_step`` for :func:`slimloop.compress.loop.run_loop`: each step a cached Prefect task.
 
     A cached result whose files went missing (a cleaned store) is recomputed, not trusted.
     """
@@ -162,7 +162,7 @@ def compress_flow(params: Params, baseline_dir: Path = BASELINE, out_dir: Path =
     ``steps``: ``prefect`` (each step a cached Prefect task), ``store`` (the same step store without
     Prefect) or ``direct`` (no cache at all).
     """
-    from slimloop.loop import run_loop
+    from slimloop.compress.loop import run_loop
 
     runners = {"prefect": prefect_run_step, "store": local_run_step, "direct": None}
     record = read_stage_json(metrics_dir / "baseline.json", "baseline")
@@ -204,7 +204,7 @@ def write_imgsz_sweep(params: Params, baseline: Path, final: Path, metrics_dir: 
 def check_targets(params: Params, baseline: Path) -> None:
     """Stop before any work when a target cannot be met even by the narrowest model the pruner allows."""
     from slimloop.checkpoint import load_checkpoint
-    from slimloop.feasibility import check_targets_reachable
+    from slimloop.compress.feasibility import check_targets_reachable
 
     check_targets_reachable(load_checkpoint(baseline).spec, params)
 

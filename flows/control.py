@@ -27,7 +27,7 @@ def control_epochs(params: Params, final: dict) -> int:
 def control_flow(params: Params, baseline_dir: Path = BASELINE, out_dir: Path = OUT,
                  metrics_dir: Path = METRICS, progress: bool = True) -> dict:
     """Train and measure the control; write ``metrics_dir/control.json``."""
-    from slimloop.control import train_control
+    from slimloop.compress.control import train_control
 
     metrics = metrics_dir / "control.json"
     if not params.control.enabled:

@@ -10,23 +10,20 @@ import torch
 
 from conftest import TINY_EVAL, randomize_bn, tiny_train_params
 from slimloop.checkpoint import load_checkpoint, load_model, save_checkpoint
-from slimloop.compress import (
+from slimloop.compress.distill import DistillLoss, DistillWeights, channel_maps, distill_step
+from slimloop.compress.groups import topology
+from slimloop.compress.pad import pad_channels, pad_step
+from slimloop.compress.prune import gamma_scores, prune_step, select_channels
+from slimloop.compress.retrain import retrain_step, scratch_epochs
+from slimloop.compress.sparse import (
     GammaHistogram,
-    Lineage,
-    apply_masks,
-    channel_maps,
-    distill_step,
     gamma_values,
-    load_masks,
-    pad_step,
-    prune_step,
-    retrain_step,
-    save_masks,
-    scratch_epochs,
     sparse_hooks,
     sparse_lambda,
     sparse_train_step,
 )
+from slimloop.compress.steps import Lineage, apply_masks, load_masks, save_masks
+from slimloop.compress.surgery import prune_model
 from slimloop.config import (
     DistillParams,
     PadParams,
@@ -34,10 +31,8 @@ from slimloop.config import (
     RetrainParams,
     SparseParams,
 )
-from slimloop.distill import DistillLoss, DistillWeights
 from slimloop.measure import KEYS
 from slimloop.model import build_model, conv_modules, conv_widths
-from slimloop.prune import gamma_scores, pad_channels, prune_model, select_channels, topology
 from slimloop.report_plots import draw_gamma_histograms
 from slimloop.train import seed_everything, train
 
@@ -268,7 +263,7 @@ def test_finetune_and_sparse_train_with_their_own_lr_and_warmup(tiny_spec, tmp_p
                                                                  expected):
     """Sparse training and finetuning start from a trained model: sparse.lr0 and retrain.lr0 replace
     train.lr0, sparse training has no warm-up, finetuning takes retrain.warmup_epochs (null: train's)."""
-    import slimloop.compress as compress
+    from slimloop.compress import retrain, sparse
 
     seen = []
 
@@ -276,7 +271,8 @@ def test_finetune_and_sparse_train_with_their_own_lr_and_warmup(tiny_spec, tmp_p
         seen.append(params)
         raise _Stop
 
-    monkeypatch.setattr(compress, "train", fake_train)
+    monkeypatch.setattr(sparse, "train", fake_train)
+    monkeypatch.setattr(retrain, "train", fake_train)
     ckpt = save_checkpoint(tmp_path / "m.safetensors", _model(tiny_spec))
     base = tiny_train_params(lr0=0.02, warmup_epochs=2.5)
     with pytest.raises(_Stop):

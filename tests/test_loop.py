@@ -9,7 +9,9 @@ import torch
 
 from conftest import TINY_EVAL, tiny_train_params
 from slimloop.checkpoint import load_checkpoint, save_checkpoint
-from slimloop.compress import REWIND_NAME, scratch_epochs
+from slimloop.compress.control import control_spec, fit_width, train_control
+from slimloop.compress.loop import decide, loop_prune_params, run_loop
+from slimloop.compress.retrain import REWIND_NAME, rewind_saver, scratch_epochs
 from slimloop.config import (
     CompressParams,
     DistillParams,
@@ -20,9 +22,7 @@ from slimloop.config import (
     SparseParams,
     TargetParams,
 )
-from slimloop.control import control_spec, fit_width, train_control
 from slimloop.errors import ConfigError
-from slimloop.loop import decide, loop_prune_params, rewind_saver, run_loop
 from slimloop.measure import KEYS
 from slimloop.model import build_model, conv_widths
 from slimloop.profile import gflops

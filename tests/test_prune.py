@@ -9,18 +9,14 @@ import torch
 
 from conftest import randomize_bn
 from slimloop.checkpoint import load_model, save_checkpoint
+from slimloop.compress.groups import topology
+from slimloop.compress.pad import pad_channels
+from slimloop.compress.prune import gamma_scores, select_channels
+from slimloop.compress.sparse import regularize_gammas
+from slimloop.compress.surgery import prune_model, recalibrate_bn
 from slimloop.export import check_onnx, export_onnx
 from slimloop.model import build_model, yolov5_spec
 from slimloop.model.build import conv_modules, conv_widths
-from slimloop.prune import (
-    gamma_scores,
-    pad_channels,
-    prune_model,
-    recalibrate_bn,
-    regularize_gammas,
-    select_channels,
-    topology,
-)
 
 
 def randomized(spec, seed=0):

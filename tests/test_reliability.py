@@ -136,10 +136,12 @@ def test_numbers_written_as_yaml_strings_stay_accepted(tmp_path):
 
 @pytest.mark.parametrize(("min_channels", "multiple"), [(8, 8), (5, 8), (3, 1), (20, 16)])
 def test_narrowest_spec_is_what_pruning_everything_gives(min_channels, multiple):
+    from slimloop.compress.feasibility import narrowest_spec
+    from slimloop.compress.groups import topology
+    from slimloop.compress.pad import pad_channels
+    from slimloop.compress.prune import select_channels
     from slimloop.config import PadParams, PruneParams
-    from slimloop.feasibility import narrowest_spec
     from slimloop.model.build import conv_widths
-    from slimloop.prune import pad_channels, select_channels, topology
 
     spec = yolov5_spec("n", nc=2)
     topo = topology(spec)
@@ -153,7 +155,7 @@ def test_narrowest_spec_is_what_pruning_everything_gives(min_channels, multiple)
 
 
 def test_unreachable_targets_are_refused_naming_the_key():
-    from slimloop.feasibility import check_targets_reachable
+    from slimloop.compress.feasibility import check_targets_reachable
 
     spec = yolov5_spec("n", nc=2)
     ok = check_targets_reachable(spec, Params.model_validate({"target": {"gflops_ratio": 0.5}}))
@@ -172,9 +174,12 @@ def test_unreachable_targets_are_refused_naming_the_key():
 
 
 def test_floor_is_a_true_lower_bound_for_real_prunes():
-    from slimloop.feasibility import narrowest_spec
+    from slimloop.compress.feasibility import narrowest_spec
+    from slimloop.compress.groups import topology
+    from slimloop.compress.pad import pad_channels
+    from slimloop.compress.prune import select_channels
+    from slimloop.compress.surgery import prune_model
     from slimloop.profile import gflops
-    from slimloop.prune import pad_channels, prune_model, select_channels, topology
 
     params = Params()
     spec = yolov5_spec("n", nc=2)

@@ -62,8 +62,8 @@ def train_and_measure(
     Writes ``out_dir/{best,last,last.state,rewind}.safetensors``, ``spec.json`` and ``model.onnx``.
     """
     from slimloop.checkpoint import load_model
+    from slimloop.compress.retrain import rewind_saver
     from slimloop.export import export_onnx
-    from slimloop.loop import rewind_saver
     from slimloop.measure import measure_model
     from slimloop.model import build_model, save_spec
     from slimloop.train import TrainHooks, seed_everything, train

@@ -1,12 +1,20 @@
-"""Knowledge distillation from an unpruned teacher: detection outputs (KL / L2) and neck features."""
+"""Step distill: knowledge distillation from an unpruned teacher, detection outputs (KL / L2) and
+neck features, with feature adapters initialized from the keep masks."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
+
+from slimloop.checkpoint import load_model
+from slimloop.compress.groups import topology
+from slimloop.compress.steps import Lineage, StepResult, load_masks, measure_step, step_meta
+from slimloop.config import DistillParams, EvalParams, TrainParams
+from slimloop.train import TrainHooks, train
 
 
 @dataclass(frozen=True)
@@ -157,3 +165,56 @@ class DistillLoss:
         terms = self.terms(imgs, feats, raw)
         total = torch.stack(list(terms.values())).sum() * imgs.shape[0]
         return total, {k: float(v.detach()) for k, v in terms.items()}
+
+
+def channel_maps(reference: nn.Module, mask_files: tuple[Path, ...] | list[Path]) -> list[Tensor]:
+    """Per Detect level, the reference model's channel index of each of the descendant's channels."""
+    maps: list[Tensor] = []
+    keeps = [load_masks(p)[0] for p in mask_files]
+    topo = topology(reference.spec)
+    for k, conv in enumerate(reference.detect.m):
+        index = torch.arange(conv.in_channels)  # (C_ref,)
+        for keep in keeps:
+            index = index[torch.cat([keep[g] for g in topo.inputs[f"detect.m.{k}"]])]
+        maps.append(index)
+    return maps
+
+
+def distill_hooks(student: nn.Module, distill: DistillParams, teacher: Lineage) -> TrainHooks:
+    """Hooks that add the distillation loss from ``teacher`` (adapters initialized from its masks)."""
+    teacher_model = load_model(teacher.checkpoint)
+    maps = channel_maps(teacher_model, teacher.masks) if teacher.masks else None
+    weights = DistillWeights(**distill.model_dump(include={"obj", "cls", "kl", "box", "feature", "temperature"}))
+    loss = DistillLoss(teacher_model, student, weights, maps)
+    return TrainHooks(extra_loss=loss, extra_modules=loss.modules())
+
+
+def kd_items(history: list[dict[str, float]]) -> dict[str, float]:
+    """The last epoch's ``kd_*`` distillation terms, without the ``train/`` prefix."""
+    return {k.removeprefix("train/"): v for k, v in history[-1].items() if k.startswith("train/kd_")}
+
+
+def distill_step(ckpt: Path, teacher: Lineage, data_root, distill: DistillParams, train_params: TrainParams,
+                 eval_params: EvalParams, out_dir: Path, imgsz: int | None = None, lr0: float | None = None,
+                 progress: bool = False) -> StepResult:
+    """Finetune ``ckpt`` for ``distill.epochs`` with the distillation loss added to the detection loss.
+
+    Args:
+        teacher: the teacher checkpoint and the mask files from its spec to the student's (they
+            initialize the feature adapters so that surviving channels map to where they came from).
+        lr0: the finetune learning rate (default ``train_params.lr0``).
+
+    Returns:
+        The best checkpoint of ``out_dir/train``; the record carries the last epoch's ``kd_*`` terms.
+    """
+    model = load_model(ckpt)
+    hooks = distill_hooks(model, distill, teacher)
+    params = train_params.model_copy(update={"epochs": distill.epochs, "lr0": lr0 or train_params.lr0})
+    meta = step_meta("distill", ckpt, teacher, distill=distill)
+    result = train(model, data_root, params, eval_params, Path(out_dir) / "train", hooks=hooks,
+                   progress=progress, meta=meta)
+    kd = kd_items(result.history)
+    record = measure_step(load_model(result.best), data_root, imgsz or params.imgsz, eval_params, "distill",
+                          params.device, epochs=distill.epochs, distill_terms=kd)
+    return StepResult(result.best, record, {"history": result.history})
+

@@ -91,7 +91,7 @@ def train_control(baseline_ckpt: Path, target_gflops: float, imgsz: int, params:
     Returns:
         The metric record plus ``width_multiple``, ``target_gflops``, ``fits``, ``epochs``, ``checkpoint``.
     """
-    from slimloop.compress import evaluate_step
+    from slimloop.compress.steps import evaluate_step
     from slimloop.train import seed_everything, train
 
     reference = load_checkpoint(baseline_ckpt).spec

@@ -7,24 +7,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
-from slimloop.checkpoint import load_checkpoint, save_checkpoint
-from slimloop.compress import (
-    REWIND_NAME,
-    Lineage,
-    StepResult,
-    distill_step,
-    evaluate_step,
-    pad_step,
-    prune_step,
-    retrain_step,
-    sparse_train_step,
-)
+from slimloop.checkpoint import load_checkpoint
+from slimloop.compress.distill import distill_step
+from slimloop.compress.pad import pad_step
+from slimloop.compress.prune import prune_step
+from slimloop.compress.retrain import REWIND_NAME, retrain_step
+from slimloop.compress.sparse import sparse_train_step
+from slimloop.compress.steps import Lineage, StepResult, evaluate_step
+from slimloop.compress.surgery import kept_fraction
 from slimloop.config import CompressParams, Params, PruneParams, TargetParams
 from slimloop.errors import ConfigError
 from slimloop.model import conv_widths
-from slimloop.prune import kept_fraction
 
 StepFn = Callable[..., StepResult]
 RunStep = Callable[[str, StepFn, dict[str, Any]], StepResult]
@@ -34,18 +27,6 @@ EPS = 1e-9  # metrics are rounded to 6 decimals: a drop equal to the tolerance i
 def call_step(name: str, fn: StepFn, kwargs: dict[str, Any]) -> StepResult:
     """The default ``run_step``: call the step directly."""
     return fn(**kwargs)
-
-
-def rewind_saver(out_dir: Path, rewind_epoch: int) -> Callable[[int, nn.Module, dict[str, float]], None]:
-    """``on_epoch_end`` callback for the baseline run: keep ``out_dir/rewind.safetensors`` (the EMA
-    weights after epoch ``rewind_epoch``, 1-based) for ``retrain.mode = rewind``."""
-    path = Path(out_dir) / REWIND_NAME
-
-    def save_rewind(epoch: int, model: nn.Module, row: dict[str, float]) -> None:
-        if epoch + 1 == rewind_epoch:
-            save_checkpoint(path, model, {"step": "rewind", "epoch": epoch + 1})
-
-    return save_rewind
 
 
 # ---- the decision ------------------------------------------------------------------------------

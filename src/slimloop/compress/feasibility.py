@@ -10,7 +10,7 @@ from slimloop.errors import ConfigError
 from slimloop.model.build import build_model, with_conv_widths
 from slimloop.model.spec import ModelSpec
 
-EPS = 1e-9  # the loop's own slack when it compares GFLOPs with a target (slimloop.loop.EPS)
+EPS = 1e-9  # the loop's own slack when it compares GFLOPs with a target (slimloop.compress.loop.EPS)
 
 
 @dataclass(frozen=True)
@@ -27,10 +27,10 @@ def narrowest_spec(spec: ModelSpec, prune: PruneParams, pad: PadParams) -> Model
 
     Every channel group keeps at least ``prune.min_channels`` (all of them if it has fewer), padding
     rounds that up to ``pad.multiple`` but never above the group's width: the same rules as
-    :func:`slimloop.prune.select_channels` and :func:`slimloop.prune.pad_channels`. Costs grow with
-    every width, so no model the loop produces is cheaper than this one.
+    :func:`slimloop.compress.prune.select_channels` and :func:`slimloop.compress.pad.pad_channels`.
+    Costs grow with every width, so no model the loop produces is cheaper than this one.
     """
-    from slimloop.prune import topology
+    from slimloop.compress.groups import topology
 
     topo = topology(spec)
     floor = {}

@@ -1,0 +1,126 @@
+"""Step sparse_train: network slimming's L1 penalty on BN gammas, its schedule and |gamma| histograms."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from slimloop.checkpoint import load_model
+from slimloop.compress.steps import StepResult, measure_step, step_meta
+from slimloop.config import EvalParams, SparseParams, TrainParams
+from slimloop.io import write_json_atomic
+from slimloop.model import conv_modules
+from slimloop.train import TrainHooks, train
+
+
+def regularize_gammas(model: nn.Module, lam: float, skip: set[str] | None = None) -> float:
+    """Network slimming: add ``lam * sign(gamma)`` to every prunable BN gamma's gradient.
+
+    Call after backward (and after unscaling under AMP). Returns the L1 norm of the gammas.
+    """
+    total = 0.0
+    for name, conv in conv_modules(model).items():
+        if skip and name in skip:
+            continue
+        gamma = conv.bn.weight
+        if gamma.grad is not None:
+            gamma.grad.add_(torch.sign(gamma.detach()), alpha=lam)
+        total += float(gamma.detach().abs().sum())
+    return total
+
+
+def sparse_lambda(sparse: SparseParams, progress: float) -> float:
+    """``lam`` at ``progress`` in [0, 1): constant, or decaying linearly / by cosine to
+    ``final_fraction * lam`` at the end of the run."""
+    x = min(max(progress, 0.0), 1.0)
+    if sparse.schedule == "linear":
+        factor = 1 - x
+    elif sparse.schedule == "cosine":
+        factor = (1 + math.cos(math.pi * x)) / 2
+    else:
+        return sparse.lam
+    return sparse.lam * (sparse.final_fraction + (1 - sparse.final_fraction) * factor)
+
+
+def gamma_values(model: nn.Module) -> Tensor:
+    """All prunable BN |gamma| of ``model`` as one flat tensor."""
+    return torch.cat([c.bn.weight.detach().abs().flatten().cpu() for c in conv_modules(model).values()])
+
+
+class GammaHistogram:
+    """``on_epoch_end`` callback: histogram counts of all |gamma| per epoch, as JSON-able rows.
+
+    The bin edges are fixed at creation (0 to the largest |gamma| then) so epochs compare; larger
+    values fall in the last bin. Row 0 is the model before training. With ``path``, rows are saved
+    every epoch and read back (same edges only), so a resumed run keeps the epochs it skips.
+    """
+
+    def __init__(self, max_gamma: float, bins: int = 40, path: Path | None = None):
+        self.edges = [round(float(e), 6) for e in torch.linspace(0.0, max(max_gamma, 1e-6), bins + 1)]
+        self.path, self.rows = path, []
+        if path is not None and Path(path).exists():
+            with contextlib.suppress(ValueError, OSError):
+                self.rows = [r for r in json.loads(Path(path).read_text()) if r.get("edges") == self.edges]
+
+    @classmethod
+    def from_model(cls, model: nn.Module, bins: int = 40, path: Path | None = None) -> GammaHistogram:
+        """Edges from ``model``'s gammas, and its histogram as epoch 0."""
+        hist = cls(float(gamma_values(model).max()), bins, path)
+        hist.record(0, model)
+        return hist
+
+    def record(self, epoch: int, model: nn.Module) -> None:
+        """Store (or replace) the histogram of ``model``'s |gamma| labelled ``epoch``."""
+        values = gamma_values(model)
+        counts = torch.histogram(values.clamp_max(self.edges[-1]), torch.tensor(self.edges)).hist  # (bins,)
+        row = {"epoch": epoch, "edges": self.edges, "counts": [int(c) for c in counts],
+               "mean_abs": round(float(values.mean()), 6)}
+        self.rows = sorted([r for r in self.rows if r["epoch"] != epoch] + [row], key=lambda r: r["epoch"])
+        if self.path is not None:
+            write_json_atomic(self.path, self.rows)
+
+    def __call__(self, epoch: int, model: nn.Module, metrics: dict[str, float]) -> None:
+        self.record(epoch + 1, model)
+
+
+def sparse_hooks(sparse: SparseParams, histogram: GammaHistogram | None = None) -> TrainHooks:
+    """Hooks that add ``lam(progress) * sign(gamma)`` to every BN gamma's gradient (and log it)."""
+
+    def after_backward(model: nn.Module, progress: float) -> dict[str, float]:
+        lam = sparse_lambda(sparse, progress)
+        return {"gamma_l1": regularize_gammas(model, lam), "lam": lam}
+
+    return TrainHooks(after_backward=after_backward, on_epoch_end=[histogram] if histogram else [])
+
+
+def sparse_train_step(ckpt: Path, data_root, sparse: SparseParams, train_params: TrainParams,
+                      eval_params: EvalParams, out_dir: Path, imgsz: int | None = None,
+                      progress: bool = False) -> StepResult:
+    """Train ``ckpt`` with the L1 penalty on BN gammas for ``sparse.epochs``.
+
+    Writes ``out_dir/train/`` (the run), ``gamma_hist.json`` and ``gamma_hist.png``. The output
+    is the run's last checkpoint (the sparsest), not its best. No warm-up: the model is trained
+    already, and the warm-up's bias lr of 0.1 would jolt it.
+
+    Returns:
+        ``extra``: ``histogram`` (the JSON rows) and ``history`` (per-epoch training rows).
+    """
+    out_dir, model = Path(out_dir), load_model(ckpt)
+    histogram = GammaHistogram.from_model(model, path=out_dir / "gamma_hist.json")
+    params = train_params.model_copy(
+        update={"epochs": sparse.epochs, "lr0": sparse.lr0 or train_params.lr0, "warmup_epochs": 0.0})
+    result = train(model, data_root, params, eval_params, out_dir / "train", hooks=sparse_hooks(sparse, histogram),
+                   progress=progress, meta=step_meta("sparse", ckpt, sparse=sparse))
+    histogram.rows = [r for r in histogram.rows if r["epoch"] <= sparse.epochs]  # a longer old run's
+    write_json_atomic(out_dir / "gamma_hist.json", histogram.rows)
+    from slimloop.report_plots import draw_gamma_histograms
+
+    draw_gamma_histograms(histogram.rows, out_dir / "gamma_hist.png")
+    record = measure_step(load_model(result.last), data_root, imgsz or params.imgsz, eval_params, "sparse",
+                          params.device, epochs=sparse.epochs)
+    return StepResult(result.last, record, {"histogram": histogram.rows, "history": result.history})
