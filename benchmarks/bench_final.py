@@ -75,12 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", action="append", required=True, help="label:key=value,... (repeatable)")
     parser.add_argument("--params", default=str(ROOT / "params.yaml"))
     args = parser.parse_args(argv)
-    from flows.cache import store_dir
     from flows.compress import local_run_step
 
     from slimloop.compress.retrain import retrain_step
     from slimloop.config import load_params
     from slimloop.io import write_json_atomic
+    from slimloop.store.entries import store_dir
 
     params = load_params(args.params)
     final = json.loads((ROOT / "metrics/final.json").read_text())

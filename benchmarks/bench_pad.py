@@ -73,10 +73,7 @@ def _side_by_side(models: dict, args, x: np.ndarray, work: Path, tag: str) -> di
 
 
 def _manifests() -> list[dict]:
-    import sys
-
-    sys.path.insert(0, str(ROOT))  # flows/ is not installed: it runs from the project root
-    from flows.cache import store_dir
+    from slimloop.store.entries import store_dir
 
     out = []
     for path in store_dir().glob("*/step.json"):

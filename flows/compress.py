@@ -3,59 +3,41 @@ flow whose steps are cached tasks; writes the final model and per-iteration metr
 
 from __future__ import annotations
 
-import importlib
-import inspect
-import json
-import os
 import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
+from prefect.cache_policies import CachePolicy
 from prefect.transactions import get_transaction
 
-from flows.cache import StepCachePolicy, open_store, step_key, store_dir
 from flows.common import base_parser, run_entry
-from flows.store import touch_entry
 from slimloop.config import Params, load_params
 from slimloop.io import atomic_dir, read_stage_json, write_json_atomic, write_text_atomic
+from slimloop.store.entries import (
+    files_present,
+    open_store,
+    run_stored_step,
+    store_dir,
+    touch_entry,
+)
+from slimloop.store.keys import step_key
 
 BASELINE = Path("models/baseline")
 OUT = Path("models/compressed")
 METRICS = Path("metrics")
 
 
-MANIFEST = "step.json"
+class StepCachePolicy(CachePolicy):
+    """Prefect cache policy: ``step_key`` of the task's ``name`` and ``kwargs`` inputs.
 
-
-def _files_present(out: dict[str, Any]) -> bool:
-    paths = [out["checkpoint"]] + [v for v in out["extra"].values() if isinstance(v, str) and v.startswith("/")]
-    return all(Path(p).exists() for p in paths)
-
-
-def run_stored_step(name: str, fn: str, kwargs: dict[str, Any], key: str) -> dict[str, Any]:
-    """Run step ``fn`` into ``store/<key>``, or return the entry already there.
-
-    An entry counts only when its manifest (written last, atomically) exists and every file it
-    names is present; otherwise the step runs again in the same folder (training resumes from its
-    ``last`` checkpoint there). A hit touches the folder, so ``flows.store prune`` keeps entries in use.
+    Prefect's own policies do not fit: the default includes the run id (never hits across runs),
+    ``INPUTS`` hashes a Path as its string, and ``TASK_SOURCE`` covers the task body only.
     """
-    out_dir = store_dir() / key
-    manifest = out_dir / MANIFEST
-    if manifest.exists():
-        out = json.loads(manifest.read_text())
-        if _files_present(out):
-            os.utime(out_dir)
-            return out
-    module, _, attr = fn.rpartition(".")
-    step = getattr(importlib.import_module(module), attr)
-    if "out_dir" in inspect.signature(step).parameters:  # evaluate_step writes nothing
-        kwargs = {**kwargs, "out_dir": out_dir}
-    result = step(**kwargs)
-    out = {"name": name, "checkpoint": str(result.checkpoint), "record": result.record, "extra": result.extra}
-    write_json_atomic(manifest, out)
-    return out
+
+    def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> str | None:
+        return step_key(inputs["name"], inputs["kwargs"])
 
 
 def worth_retrying(task, task_run, state) -> bool:
@@ -90,7 +72,7 @@ def prefect_run_step(name: str, fn, kwargs: dict[str, Any]):
     runner = step_task.with_options(name=name, result_storage=storage)
     qualname = f"{fn.__module__}.{fn.__name__}"
     out = runner(name, qualname, kwargs)
-    if not _files_present(out):
+    if not files_present(out):
         out = runner.with_options(refresh_cache=True)(name, qualname, kwargs)
     touch_entry(out["checkpoint"])  # a Prefect cache hit skips run_stored_step's own touch
     return _step_result(out)

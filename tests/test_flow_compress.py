@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-from flows.cache import step_key, store_dir
 
 from conftest import TINY_EVAL, tiny_train_params
 from slimloop.config import (
@@ -18,6 +17,8 @@ from slimloop.config import (
     RetrainParams,
     SparseParams,
 )
+from slimloop.store.entries import store_dir
+from slimloop.store.keys import step_key
 
 
 def test_key_follows_content_not_path(tmp_path):

@@ -158,10 +158,9 @@ def test_unwritable_or_file_parent_is_a_named_error(tmp_path, monkeypatch):
 
 
 def test_store_prune_refuses_a_folder_that_is_not_a_store(tmp_path, monkeypatch):
-    from flows.cache import open_store
-    from flows.store import StoreError, prune
-
     from slimloop.errors import ConfigError
+    from slimloop.store.entries import open_store
+    from slimloop.store.prune import StoreError, prune
 
     home = tmp_path / "home"
     (home / "work").mkdir(parents=True)

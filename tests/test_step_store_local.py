@@ -6,8 +6,9 @@ import json
 import shutil
 from pathlib import Path
 
-from flows.compress import MANIFEST, compress_flow
+from flows.compress import compress_flow
 
+from slimloop.store.entries import MANIFEST
 from test_flow_compress import _step_dirs, project  # noqa: F401  (the fixture)
 
 

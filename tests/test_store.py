@@ -11,8 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-from flows.cache import STORE_MARKER, open_store
-from flows.store import MANIFEST, StoreError, human, main, remove, scan, touch_entry
+from flows.store import main
+
+from slimloop.store.entries import STORE_MARKER, open_store, touch_entry
+from slimloop.store.prune import MANIFEST, StoreError, human, remove, scan
 
 DAY = 86400
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,6 +177,7 @@ def test_missing_metrics_folder_refuses_to_prune(store, tmp_path):
 
 
 def test_manifest_name_matches_compress():
-    from flows import compress
+    # the writer's name (run_stored_step); MANIFEST above is the scanner's
+    from slimloop.store import entries
 
-    assert compress.MANIFEST == MANIFEST
+    assert entries.MANIFEST == MANIFEST

@@ -1,0 +1,1 @@
+"""The content-addressed step store: keys, entries and manifests, size and pruning."""
