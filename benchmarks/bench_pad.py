@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from slimloop.checkpoint import load_model
-from slimloop.export import export_onnx
+from slimloop.deploy.export import export_onnx
 from slimloop.io import write_json_atomic
 from slimloop.model.build import conv_modules
 from slimloop.profile import gflops

@@ -8,13 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-OFFLINE_ENV = {
-    "DO_NOT_TRACK": "1",
-    "DVC_NO_ANALYTICS": "1",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
-    "MPLBACKEND": "Agg",
-}
+from slimloop.nightly import OFFLINE_ENV
 
 
 def offline_defaults() -> None:

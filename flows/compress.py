@@ -116,7 +116,7 @@ def _iterations_csv(result) -> str:
 def write_outputs(result, out_dir: Path, metrics_dir: Path, imgsz: int) -> None:
     """Final checkpoint, spec and ONNX into ``out_dir``; per-iteration JSON, CSV and final.json."""
     from slimloop.checkpoint import load_model
-    from slimloop.export import export_onnx
+    from slimloop.deploy.export import export_onnx
     from slimloop.model import save_spec
     from slimloop.report_plots import draw_gamma_histograms
 

@@ -4,40 +4,34 @@ with a cron schedule, served against a running Prefect server (PREFECT_API_URL).
 from __future__ import annotations
 
 import argparse
-import csv
-import io
-import json
 import logging
-import os
 import shlex
 import shutil
-import subprocess
-import sys
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.schedules import CronSchedule
 from prefect.exceptions import MissingContextError
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import ValidationError, field_validator
 
-from flows.common import OFFLINE_ENV, run_entry
-from slimloop.config import StrictModel
+from flows.common import run_entry
 from slimloop.errors import SlimloopError
+from slimloop.nightly import (
+    DeployStep,
+    NightlyConfig,
+    PublishConfig,
+    has_default_remote,
+    render_report,
+    run_command,
+    tail_lines,
+    workdir_of,
+)
 from slimloop.yamlfile import load_yaml_model
 
 DEFAULT_CONFIG = Path("deploy.yaml")
 FLOW_NAME = "nightly"
-TAIL_LINES = 20
-ARTIFACT_ROWS = 50
-_NAME = r"^[a-z0-9][a-z0-9_-]*$"
-
-
-class StepError(SlimloopError):
-    """A step's command failed: the message names the command, its exit code and its stderr tail."""
 
 
 class DeployError(SlimloopError):
@@ -49,41 +43,8 @@ def _schedule_error(exc: ValidationError) -> ValueError:
     return ValueError(exc.errors()[0]["msg"].removeprefix("Value error, "))
 
 
-class DeployStep(StrictModel):
-    """One command of the nightly run."""
-
-    name: str = Field(pattern=_NAME, description="task name in the Prefect UI")
-    run: list[str] = Field(min_length=1, description="argument list; `python` is this interpreter")
-    retries: int = Field(0, ge=0, le=10, description="extra attempts after a failure")
-    retry_delay_s: float = Field(30.0, ge=0, le=3600)
-    timeout_min: float | None = Field(None, gt=0, description="kill the command after this long")
-    skip_without_remote: bool = Field(False, description="skip when no default DVC remote is set")
-
-    @field_validator("run", mode="before")
-    @classmethod
-    def _argv(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            raise ValueError(f"must be a list of arguments, not a shell string: write {shlex.split(value)!r}")
-        return value
-
-
-class PublishConfig(StrictModel):
-    """The report artifacts published after the steps."""
-
-    artifact_key: str = Field("slimloop-nightly", pattern=r"^[a-z0-9-]+$")
-    files: list[str] = ["metrics/final.json", "metrics/baseline.json", "metrics/iterations.csv"]
-    copy_to: str | None = Field(None, description="also copy the files to <copy_to>/<timestamp>/")
-
-
-class DeployConfig(StrictModel):
-    """All of deploy.yaml."""
-
-    name: str = Field("nightly", pattern=_NAME, description="deployment name")
-    cron: str = "0 2 * * *"
-    timezone: str = "UTC"
-    workdir: str = Field(".", description="where the commands run, relative to the config file")
-    steps: list[DeployStep] = Field(min_length=1)
-    publish: PublishConfig | None = PublishConfig()
+class DeployConfig(NightlyConfig):
+    """All of deploy.yaml, its schedule checked as the Prefect server will check it."""
 
     @field_validator("cron")
     @classmethod
@@ -103,13 +64,6 @@ class DeployConfig(StrictModel):
             raise _schedule_error(exc) from None
         return value
 
-    @model_validator(mode="after")
-    def _unique_steps(self) -> DeployConfig:
-        names = [s.name for s in self.steps]
-        if dupes := sorted({n for n in names if names.count(n) > 1}):
-            raise ValueError(f"step names must be unique, repeated: {', '.join(dupes)}")
-        return self
-
 
 def load_deploy_config(path: str | Path = DEFAULT_CONFIG) -> DeployConfig:
     """Read and validate deploy.yaml.
@@ -120,70 +74,7 @@ def load_deploy_config(path: str | Path = DEFAULT_CONFIG) -> DeployConfig:
     return load_yaml_model(path, DeployConfig, "deploy config", "deploy config")
 
 
-def workdir_of(cfg: DeployConfig, config_path: str | Path) -> Path:
-    """The folder the commands run in: ``cfg.workdir`` relative to the config file's folder."""
-    return (Path(config_path).resolve().parent / cfg.workdir).resolve()
-
-
-# ---------------------------------------------------------------------------------- commands
-def command_env() -> dict[str, str]:
-    """Environment for the commands: ours, telemetry off, this interpreter's folder first on PATH.
-
-    ``PREFECT__*`` variables describe the served run itself (its id, the runner's control port) and
-    would confuse a Prefect flow started by a command (``dvc repro`` runs ``python -m flows.*``).
-    """
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT__")}
-    for key, value in OFFLINE_ENV.items():
-        env.setdefault(key, value)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    return env
-
-
-def resolve_argv(argv: list[str], env: dict[str, str]) -> list[str]:
-    """``argv`` with its program made absolute; ``python`` is the interpreter running this flow."""
-    program = sys.executable if argv[0] in ("python", "python3") else shutil.which(argv[0], path=env["PATH"])
-    if program is None:
-        raise StepError(f"command not found: {argv[0]!r} (PATH={env['PATH']})")
-    return [program, *argv[1:]]
-
-
-def _tail(text: str, lines: int = TAIL_LINES) -> str:
-    return "\n".join(text.rstrip().splitlines()[-lines:])
-
-
-def run_command(step: DeployStep, workdir: Path) -> subprocess.CompletedProcess[str]:
-    """Run ``step.run`` in ``workdir`` (an argument list, no shell).
-
-    Raises:
-        StepError: the program is missing, timed out or exited non-zero; names the command.
-    """
-    env = command_env()
-    shown = shlex.join(step.run)
-    timeout = step.timeout_min * 60 if step.timeout_min else None
-    try:
-        proc = subprocess.run(resolve_argv(step.run, env), cwd=workdir, env=env, capture_output=True,
-                              text=True, errors="replace", timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        raise StepError(f"step {step.name!r} failed: `{shown}` timed out after {step.timeout_min} min "
-                        f"in {workdir}") from None
-    except OSError as exc:
-        raise StepError(f"step {step.name!r} failed: `{shown}` could not start: {exc}") from None
-    if proc.returncode != 0:
-        stream, text = ("stderr", proc.stderr) if proc.stderr.strip() else ("stdout", proc.stdout)
-        tail = _tail(text) or "(no output)"
-        raise StepError(f"step {step.name!r} failed: `{shown}` exited with code {proc.returncode} in "
-                        f"{workdir}\n--- last lines of {stream} ---\n{tail}")
-    return proc
-
-
-def has_default_remote(workdir: Path) -> bool:
-    """Whether ``dvc remote default`` names a remote in ``workdir``."""
-    env = command_env()
-    proc = subprocess.run(resolve_argv(["dvc", "remote", "default"], env), cwd=workdir, env=env,
-                          capture_output=True, text=True, check=False)
-    return proc.returncode == 0 and bool(proc.stdout.strip())
-
-
+# ------------------------------------------------------------------------------------- tasks
 def _logger() -> logging.Logger | logging.LoggerAdapter:
     """The run's logger (shown in the Prefect UI), or a plain one when a test calls ``.fn``."""
     try:
@@ -198,70 +89,12 @@ def run_step(step: DeployStep, workdir: str) -> int:
     logger = _logger()
     logger.info("running `%s` in %s", shlex.join(step.run), workdir)
     proc = run_command(step, Path(workdir))
-    if out := _tail(proc.stdout + proc.stderr):
+    if out := tail_lines(proc.stdout + proc.stderr):
         logger.info("`%s` done; last lines:\n%s", shlex.join(step.run), out)
     return proc.returncode
 
 
 # ----------------------------------------------------------------------------------- publish
-def _cell(value: Any) -> str:
-    text = f"{value:.4g}" if isinstance(value, float) else str(value)
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows[:ARTIFACT_ROWS]]
-    if len(rows) > ARTIFACT_ROWS:
-        lines.append(f"\n({len(rows) - ARTIFACT_ROWS} more rows)")
-    return lines
-
-
-def _flat(obj: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """Scalar leaves of nested dicts as ``("record.map", 0.61)``; lists are left out."""
-    for key, value in obj.items():
-        if isinstance(value, dict):
-            yield from _flat(value, f"{prefix}{key}.")
-        elif value is None or isinstance(value, str | int | float | bool):
-            yield f"{prefix}{key}", value
-
-
-def _json_markdown(obj: Any) -> list[str]:
-    """Scalar values (nested keys dotted) as a key/value table; lists of objects as tables."""
-    if not isinstance(obj, dict):
-        return ["```", json.dumps(obj)[:2000], "```"]
-    scalars = [list(kv) for kv in _flat(obj)]
-    lines = _table(["key", "value"], scalars) if scalars else []
-    for key, value in obj.items():
-        if isinstance(value, list) and value and all(isinstance(r, dict) for r in value):
-            cols = [c for c, v in value[0].items() if not isinstance(v, dict | list)]
-            lines += ["", f"**{key}**", "", *_table(cols, [[r.get(c, "") for c in cols] for r in value])]
-    return lines
-
-
-def render_report(files: list[str], workdir: Path) -> str:
-    """Markdown summary of the report files (JSON and CSV as tables, others by size)."""
-    lines = [f"# slimloop nightly, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC", ""]
-    for name in files:
-        path = workdir / name
-        lines.append(f"## `{name}`")
-        if not path.is_file():
-            lines += ["missing", ""]
-            continue
-        if path.suffix == ".json":
-            try:
-                lines += _json_markdown(json.loads(path.read_text(encoding="utf-8")))
-            except ValueError as exc:
-                lines.append(f"not valid JSON: {exc}")
-        elif path.suffix == ".csv":
-            rows = list(csv.reader(io.StringIO(path.read_text(encoding="utf-8"))))
-            lines += _table(rows[0], rows[1:]) if rows else ["(empty)"]
-        else:
-            lines.append(f"{path.stat().st_size:,} bytes")
-        lines.append("")
-    return "\n".join(lines)
-
-
 @task(name="publish", cache_policy=NO_CACHE)
 def _publish_comparison(root: Path) -> bool:
     """The report stage's comparison table and summary.md as the `slimloop-comparison` table and

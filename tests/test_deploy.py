@@ -7,19 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from flows.deploy import (
-    DeployStep,
-    StepError,
-    build_deployment,
-    has_default_remote,
-    load_deploy_config,
-    nightly,
-    render_report,
-    run_step,
-    trigger,
-)
+from flows.deploy import build_deployment, load_deploy_config, nightly, run_step, trigger
 
 from slimloop.errors import ConfigError
+from slimloop.nightly import DeployStep, StepError, has_default_remote, render_report
 
 ROOT = Path(__file__).resolve().parents[1]
 

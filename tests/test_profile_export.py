@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from slimloop.config import EvalParams
+from slimloop.deploy.export import check_onnx, export_onnx
 from slimloop.errors import SlimloopError
-from slimloop.export import check_onnx, export_onnx
 from slimloop.profile import (
     count_params,
     gflops,

@@ -14,7 +14,7 @@ from slimloop.compress.pad import pad_channels
 from slimloop.compress.prune import gamma_scores, select_channels
 from slimloop.compress.sparse import regularize_gammas
 from slimloop.compress.surgery import prune_model, recalibrate_bn
-from slimloop.export import check_onnx, export_onnx
+from slimloop.deploy.export import check_onnx, export_onnx
 from slimloop.model import build_model, yolov5_spec
 from slimloop.model.build import conv_modules, conv_widths
 

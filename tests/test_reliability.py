@@ -768,7 +768,7 @@ def test_tiny_pipeline_runs_with_every_connection_refused(tmp_path, monkeypatch)
     from conftest import NO_AUGMENT
     from slimloop.config import DataParams, EvalParams, SyntheticParams, TrainParams
     from slimloop.data.synth import generate_dataset
-    from slimloop.export import export_onnx, ort_session
+    from slimloop.deploy.export import export_onnx, ort_session
     from slimloop.measure import measure_model
     from slimloop.train import seed_everything, train
 

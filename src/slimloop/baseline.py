@@ -63,7 +63,7 @@ def train_and_measure(
     """
     from slimloop.checkpoint import load_model
     from slimloop.compress.retrain import rewind_saver
-    from slimloop.export import export_onnx
+    from slimloop.deploy.export import export_onnx
     from slimloop.measure import measure_model
     from slimloop.model import build_model, save_spec
     from slimloop.train import TrainHooks, seed_everything, train

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from torch.utils.flop_counter import FlopCounterMode
 
 from slimloop.config import EvalParams
-from slimloop.export import INPUT_NAME, eval_copy, export_onnx, ort_session
+from slimloop.deploy.export import INPUT_NAME, eval_copy, export_onnx, ort_session
 
 
 def count_params(model: torch.nn.Module) -> int:

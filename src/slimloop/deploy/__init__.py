@@ -1,0 +1,1 @@
+"""Deployment: a detector exported for edge runtimes (ONNX)."""
