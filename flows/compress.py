@@ -118,7 +118,7 @@ def write_outputs(result, out_dir: Path, metrics_dir: Path, imgsz: int) -> None:
     from slimloop.checkpoint import load_model
     from slimloop.deploy.export import export_onnx
     from slimloop.model import save_spec
-    from slimloop.report_plots import draw_gamma_histograms
+    from slimloop.report.plots import draw_gamma_histograms
 
     with atomic_dir(out_dir) as tmp:
         shutil.copyfile(result.final_checkpoint, tmp / "final.safetensors")

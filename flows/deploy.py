@@ -100,7 +100,8 @@ def _publish_comparison(root: Path) -> bool:
     """The report stage's comparison table and summary.md as the `slimloop-comparison` table and
     `slimloop-report` markdown artifacts (skipped, with a warning, when the report is missing)."""
     from flows.report import publish_artifacts
-    from slimloop.report import comparison_rows, format_table, load_inputs
+    from slimloop.report.inputs import load_inputs
+    from slimloop.report.tables import comparison_rows, format_table
 
     summary = root / "reports" / "summary.md"
     if not summary.is_file() or not (root / "metrics" / "final.json").is_file():

@@ -43,7 +43,8 @@ def publish_artifacts(table_rows: list[dict[str, Any]], markdown: str) -> bool:
 def report_flow(params: Params, metrics_dir: Path = METRICS, models_dir: Path = MODELS, out_dir: Path = OUT,
                 progress: bool = False) -> dict[str, Any]:
     """Read the metrics and models of the earlier stages, write the report folder, publish artifacts."""
-    from slimloop.report import load_inputs, write_report
+    from slimloop.report.inputs import load_inputs
+    from slimloop.report.summary import write_report
 
     inputs = load_inputs(metrics_dir)
     checkpoints = (models_dir / "baseline" / "best.safetensors", models_dir / "compressed" / "final.safetensors")

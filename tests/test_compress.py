@@ -33,7 +33,7 @@ from slimloop.config import (
 )
 from slimloop.measure import KEYS
 from slimloop.model import build_model, conv_modules, conv_widths
-from slimloop.report_plots import draw_gamma_histograms
+from slimloop.report.plots import draw_gamma_histograms
 from slimloop.train import seed_everything, train
 
 KD_KEYS = ("kd_obj", "kd_cls", "kd_kl", "kd_box", "kd_feat")

@@ -15,16 +15,10 @@ from PIL import Image
 from slimloop.config import DataParams, EvalParams, Params, ReportParams
 from slimloop.errors import ConfigError
 from slimloop.io import OUTPUT_MARKER
-from slimloop.report import (
-    PLOTS,
-    comparison_rows,
-    load_inputs,
-    pareto_front,
-    significant,
-    summary_markdown,
-    write_report,
-)
-from slimloop.report_plots import plot_gallery, regressions
+from slimloop.report.gallery import plot_gallery, regressions
+from slimloop.report.inputs import load_inputs, pareto_front
+from slimloop.report.summary import PLOTS, summary_markdown, write_report
+from slimloop.report.tables import comparison_rows, significant
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL = EvalParams(op_conf=0.25, op_iou=0.5)

@@ -118,7 +118,7 @@ def sparse_train_step(ckpt: Path, data_root, sparse: SparseParams, train_params:
                    progress=progress, meta=step_meta("sparse", ckpt, sparse=sparse))
     histogram.rows = [r for r in histogram.rows if r["epoch"] <= sparse.epochs]  # a longer old run's
     write_json_atomic(out_dir / "gamma_hist.json", histogram.rows)
-    from slimloop.report_plots import draw_gamma_histograms
+    from slimloop.report.plots import draw_gamma_histograms
 
     draw_gamma_histograms(histogram.rows, out_dir / "gamma_hist.png")
     record = measure_step(load_model(result.last), data_root, imgsz or params.imgsz, eval_params, "sparse",

@@ -1,0 +1,158 @@
+"""reports/summary.md: the stop decision, how latency was measured, the table, the control, and
+every picture, written together into a fresh report folder."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from slimloop.config import EvalParams, ReportParams
+from slimloop.io import atomic_dir, write_text_atomic
+from slimloop.report.gallery import find_regressions, plot_gallery
+from slimloop.report.inputs import ReportInputs, is_missing
+from slimloop.report.plots import plot_channels, plot_imgsz_sweep, plot_pareto, plot_tradeoff
+from slimloop.report.tables import (
+    ALL_STEPS,
+    NA,
+    comparison_rows,
+    format_table,
+    format_value,
+    markdown_table,
+)
+
+GAMMA_DIR = "gamma"  # the per-iteration |gamma| histograms, in a folder of their own
+PLOTS = {"tradeoff.png": "Accuracy against cost", "pareto.png": "Pareto front (max mAP@0.5:0.95, min GFLOPs)",
+         "channels.png": "Channels per layer", "imgsz_sweep.png": "Input-size sweep",
+         "gallery.png": "Boxes the final model misses and the baseline finds"}
+REASONS = {
+    "target_reached": "every target in `target` was met",
+    "tolerance_exceeded": "an iteration lost more mAP@0.5:0.95 than `compress.tolerance` allows and was rolled back",
+    "max_iterations": "`compress.iterations` iterations ran",
+}
+
+
+def _negate(value: Any) -> Any:
+    return None if is_missing(value) else -float(value)
+
+
+def _stop_text(final: dict[str, Any], final_checkpoint: Path | None = None) -> str:
+    k, reason = int(final["final_iteration"]), final.get("reason")
+    which = (f"**iteration {k}**" if k else "**the baseline** (no iteration was accepted)")
+    why = REASONS.get(reason, "the loop recorded no stop reason") if reason else "the loop recorded no stop reason"
+    accepted = ", ".join(str(a) for a in final.get("accepted", [])) or "none"
+    trained = f"`{final.get('checkpoint', NA)}`"
+    where = f"`{final_checkpoint}` (a copy of {trained})" if final_checkpoint else trained
+    return (f"The final model is {which}, {where}. The loop stopped after "
+            f"{final.get('iterations_run', NA)} iteration(s) because {why} (`{reason}`). Accepted iterations: "
+            f"{accepted}. mAP@0.5:0.95 against the baseline: "
+            f"{format_value(_negate(final.get('map_drop')), 'delta')}. "
+            f"Epochs: {final.get('epochs_to_final', NA)} to the final model, {final.get('epochs_total', NA)} in all."
+            f"{_final_retrain_text(final)}")
+
+
+def _final_retrain_text(final: dict[str, Any]) -> str:
+    again = final.get("final_retrain")
+    if not again:
+        return ""
+    how = ("its pruned and padded structure was trained again from random weights (plan C)"
+           if again["mode"] == "scratch" else "its weights were trained further")
+    loop = final.get("loop_record") or {}
+    return (f" After the loop {how} for {again['epochs']} epochs (`compress.final_retrain: {again['mode']}`): "
+            f"mAP@0.5:0.95 {format_value(loop.get('map'), '3')} at the end of the loop, "
+            f"{format_value(final['record'].get('map'), '3')} after it.")
+
+
+def _measure_text(inputs: ReportInputs, rows: list[dict[str, Any]]) -> str:
+    threads = sorted({int(r["threads"]) for r in rows if not is_missing(r["threads"])})
+    shown = "/".join(str(t) for t in threads) or NA
+    b = inputs.baseline
+    return (f"Latency is the median batch-1 ONNX Runtime run on the CPU with {shown} thread(s) "
+            f"(torch eager: {format_value(b.get('latency_torch_ms'), '2')} ms for the baseline). "
+            f"Models were evaluated on device `{b.get('device', NA)}`; mAP comes from pycocotools on the `{b.get('split', 'val')}` split. "
+            f"Δ mAP@0.5 is against the baseline row (index 0).")
+
+
+def _control_text(inputs: ReportInputs) -> str:
+    c = inputs.control
+    if c is None:
+        return f"The control was not run: {inputs.control_note}."
+    gap = float(inputs.final["record"]["map"]) - float(c["map"])
+    fits = "" if c.get("fits", True) else " (even the narrowest width is over the target)"
+    verdict = "beats" if gap > 0 else "does not beat"
+    return (f"Control: YOLOv5 scaled uniformly to width x{format_value(c.get('width_multiple'), '3')}{fits}, "
+            f"{format_value(c.get('gflops'), 'sig')} GFLOPs against a target of "
+            f"{format_value(c.get('target_gflops'), 'sig')}, "
+            f"trained from scratch for {c.get('epochs', NA)} epochs. The compressed model {verdict} it: "
+            f"mAP@0.5:0.95 {format_value(inputs.final['record']['map'], '3')} vs {format_value(c['map'], '3')} "
+            f"({format_value(gap, 'delta')}).")
+
+
+def summary_markdown(inputs: ReportInputs, rows: list[dict[str, Any]], table: str,
+                     final_checkpoint: Path | None = None) -> str:
+    """``reports/summary.md``: the stop decision, how latency was measured, the table, control and plots.
+
+    ``final_checkpoint``: the final model's file in the pipeline's outs, named before the step-store
+    path it was copied from.
+    """
+    plots = "\n".join(f"### {title}\n\n![{name[:-4]}]({name})\n" for name, title in PLOTS.items())
+    return (f"# slimloop report\n\n{_stop_text(inputs.final, final_checkpoint)}\n\n{_measure_text(inputs, rows)}\n\n"
+            f"## Comparison\n\n{table}\n{_control_text(inputs)}\n\n## Plots\n\n{plots}")
+
+
+@dataclass(frozen=True)
+class Report:
+    """What :func:`write_report` produced: numeric rows, display rows, the markdown and the files."""
+
+    rows: list[dict[str, Any]]
+    table: list[dict[str, str]]
+    markdown: str
+    files: list[Path]
+
+
+def write_report(inputs: ReportInputs, out_dir: Path, report: ReportParams, eval_params: EvalParams,
+                 data_root: Path, checkpoints: tuple[Path, Path], progress: bool = False,
+                 gamma_plots: Sequence[Path] = ()) -> Report:
+    """Build ``summary.md`` and the PNGs of ``PLOTS`` in a fresh ``out_dir`` (swapped in atomically).
+
+    Args:
+        inputs: the loaded metrics (:func:`load_inputs`).
+        out_dir: the report folder; replaced as a whole only once everything is written.
+        report: ``gallery`` (images in the gallery; 0 skips loading models) and ``dpi``.
+        eval_params: NMS settings and the operating point (``op_conf``, ``op_iou``) of the gallery.
+        data_root: canonical dataset folder (its val split feeds the gallery).
+        checkpoints: ``(baseline, final)`` checkpoint files.
+        progress: progress bars while predicting for the gallery.
+        gamma_plots: the loop's |gamma| histograms (``gamma_iter_<k>.png``), copied into
+            ``out_dir/gamma/`` (one folder, so DVC's plots list names it whatever the number of
+            iterations) and shown after the other plots.
+
+    Raises:
+        CheckpointError, DataError: a checkpoint or the val split cannot be read (gallery only).
+    """
+    rows = comparison_rows(inputs)
+    frame = format_table(rows)
+    markdown = summary_markdown(inputs, rows, markdown_table(frame), final_checkpoint=Path(checkpoints[1]))
+    gamma_plots = [Path(p) for p in gamma_plots]
+    if gamma_plots:
+        markdown += "\n### |gamma| during sparse training, per iteration\n\n" + "".join(
+            f"![{p.stem}]({GAMMA_DIR}/{p.name})\n" for p in gamma_plots)
+    every = comparison_rows(inputs, ALL_STEPS)
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        write_text_atomic(tmp / "summary.md", markdown)
+        plot_tradeoff(every, tmp / "tradeoff.png", report.dpi)
+        plot_pareto(every, tmp / "pareto.png", report.dpi)
+        plot_channels(inputs.iterations, tmp / "channels.png", report.dpi)
+        plot_imgsz_sweep(inputs.sweep, tmp / "imgsz_sweep.png", report.dpi)
+        items = (find_regressions(checkpoints, inputs, data_root, eval_params, report.gallery, progress)
+                 if report.gallery else None)
+        plot_gallery(items, eval_params, tmp / "gallery.png", report.dpi)
+        if gamma_plots:
+            (tmp / GAMMA_DIR).mkdir()
+        for path in gamma_plots:
+            shutil.copyfile(path, tmp / GAMMA_DIR / path.name)
+    files = [out_dir / "summary.md", *(out_dir / name for name in PLOTS), *(out_dir / GAMMA_DIR / p.name for p in gamma_plots)]
+    return Report(rows, frame.to_dict("records"), markdown, files)
