@@ -1,0 +1,248 @@
+"""Reliability, checkpoints: every damaged file is a CheckpointError, pickle payloads are refused by
+every loader and never run, and nothing in the code unpickles, shells out or loads YAML unsafely.
+
+The numbers these tests prove are collected in docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+import ast
+import errno
+import os
+import pickle
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from slimloop.checkpoint import load_checkpoint, load_model, load_state, save_checkpoint, save_state
+from slimloop.config import load_params
+from slimloop.errors import CheckpointError, ConfigError, SlimloopError
+from slimloop.model import build_model, yolov5_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+
+# ---- checkpoints: every damaged file is a CheckpointError, nothing is ever unpickled ----------
+
+
+@pytest.fixture(scope="module")
+def checkpoint_file(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_model(yolov5_spec("n", nc=2, names=("a", "b"), width_multiple=0.125, depth_multiple=0.33))
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "m.safetensors", model.eval(), {"epoch": 3})
+
+
+N_FLIPS, N_CUTS = 60, 20
+
+
+def test_every_flipped_byte_is_a_checkpoint_error(checkpoint_file, tmp_path):
+    """Damage anywhere (length prefix, JSON header, spec, provenance, weights) is refused."""
+    data = checkpoint_file.read_bytes()
+    header_len = int.from_bytes(data[:8], "little")
+    rng = np.random.default_rng(0)
+    spec_at = data.index(b"out_chs")  # inside the spec JSON: a digit change would still parse
+    positions = sorted({0, 3, 8, 9, spec_at + 10, 8 + header_len - 1, 8 + header_len, len(data) - 1,
+                        *rng.integers(8, 8 + header_len, N_FLIPS // 2).tolist(),
+                        *rng.integers(8 + header_len, len(data), N_FLIPS // 2).tolist()})
+    path = tmp_path / "bad.safetensors"
+    for pos in positions:
+        damaged = bytearray(data)
+        damaged[pos] ^= 0x01 if pos >= 8 + header_len or damaged[pos] in b"0123456789" else 0xFF
+        path.write_bytes(bytes(damaged))
+        with pytest.raises(CheckpointError, match="bad.safetensors"):
+            load_model(path)
+    assert len(positions) >= N_FLIPS
+
+
+def test_every_truncation_is_a_checkpoint_error(checkpoint_file, tmp_path):
+    data = checkpoint_file.read_bytes()
+    path = tmp_path / "cut.safetensors"
+    for cut in np.linspace(0, len(data) - 1, N_CUTS).astype(int):
+        path.write_bytes(data[:cut])
+        with pytest.raises(CheckpointError, match="cut.safetensors"):
+            load_model(path)
+
+
+def test_damaged_training_state_is_a_checkpoint_error(tmp_path):
+    path = tmp_path / "last.state.safetensors"
+    save_state(path, {"epoch": 2, "weights": torch.arange(1000.0), "history": "[]"})
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0x01  # one bit of one weight
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="checksum"):
+        load_state(path)
+
+
+def test_spec_claiming_huge_widths_fails_before_allocating(checkpoint_file, tmp_path):
+    from safetensors.torch import save
+
+    from slimloop.checkpoint import FORMAT
+    from slimloop.model.build import with_conv_widths
+    from slimloop.model.spec import spec_to_json
+
+    ckpt = load_checkpoint(checkpoint_file)
+    huge = with_conv_widths(ckpt.spec, {"layers.0": 10**6})  # building it would allocate ~1 GB
+    path = tmp_path / "huge.safetensors"
+    path.write_bytes(save(ckpt.state_dict, metadata={"format": FORMAT, "spec": spec_to_json(huge), "meta": "{}"}))
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match=r"layers\.0\.conv\.weight has 1000000 output channels"):
+        load_model(path)
+    assert time.perf_counter() - start < 5
+
+
+def test_checkpoint_for_other_classes_is_refused_by_training(tiny_data, tmp_path):
+    from conftest import TINY_EVAL, tiny_train_params
+    from slimloop.train import train
+
+    other = build_model(yolov5_spec("n", nc=3, width_multiple=0.125, depth_multiple=0.33))
+    path = save_checkpoint(tmp_path / "other.safetensors", other)
+    with pytest.raises(CheckpointError, match=r"detects 3 classes .* has 2 \(barcode, qrcode\)"):
+        train(load_model(path), tiny_data, tiny_train_params(epochs=1), TINY_EVAL, tmp_path / "run",
+              progress=False)
+    assert not (tmp_path / "run" / "last.safetensors").exists()
+
+
+def test_unwritable_checkpoint_is_a_checkpoint_error(checkpoint_file, tmp_path, monkeypatch):
+    model = load_model(checkpoint_file)
+    target = tmp_path / "m.safetensors"
+    save_checkpoint(target, model, {"epoch": 1})
+    before = target.read_bytes()
+
+    def full(self, data):
+        with open(self, "wb") as fh:
+            fh.write(data[: len(data) // 3])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(CheckpointError, match=r"cannot write .*m\.safetensors: No space left on device"):
+        save_checkpoint(target, model, {"epoch": 2})
+    monkeypatch.undo()
+    assert target.read_bytes() == before and load_checkpoint(target).meta == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+class Evil:
+    """Unpickling this runs a shell command that creates ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _pickles(tmp_path: Path, marker: Path) -> dict[str, bytes]:
+    """The payload as torch.save writes it (zip) and as a plain/legacy pickle."""
+    zipped = tmp_path / "evil.pt"
+    torch.save({"model": Evil(marker)}, zipped)
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"model": Evil(marker)}, legacy, _use_new_zipfile_serialization=False)
+    return {"torch.save": zipped.read_bytes(), "legacy torch.save": legacy.read_bytes(),
+            "pickle": pickle.dumps(Evil(marker))}
+
+
+def _train_resume(path: Path, tiny_data: Path) -> None:
+    """Training whose resume state file is ``path``."""
+    from conftest import TINY_EVAL, tiny_train_params
+    from slimloop.model import build_model as build
+    from slimloop.train import train
+
+    spec = yolov5_spec("n", nc=2, names=("barcode", "qrcode"), width_multiple=0.125, depth_multiple=0.33)
+    train(build(spec), tiny_data, tiny_train_params(epochs=1), TINY_EVAL, path.parent, progress=False)
+
+
+# every loader of the project that reads a file a user or a previous run could have replaced
+LOADERS = {
+    "load_checkpoint": ("m.safetensors", lambda p, d: load_checkpoint(p), CheckpointError),
+    "load_model": ("m.safetensors", lambda p, d: load_model(p), CheckpointError),
+    "load_state": ("last.state.safetensors", lambda p, d: load_state(p), CheckpointError),
+    "train(resume)": ("last.state.safetensors", lambda p, d: _train_resume(p, d), CheckpointError),
+    "read_split": ("train.json", lambda p, d: __import__("slimloop.data.canonical", fromlist=["x"]).read_split(
+        p.parent, "train"), SlimloopError),
+    "import_yolo(data.yaml)": ("data.yaml", lambda p, d: __import__("slimloop.data.yolo", fromlist=["x"]).import_yolo(
+        p, p.parent / "out"), SlimloopError),
+    "load_params": ("params.yaml", lambda p, d: load_params(p), ConfigError),
+    "load_spec(.json)": ("spec.json", lambda p, d: __import__("slimloop.model", fromlist=["x"]).load_spec(p),
+                         ConfigError),
+    "load_spec(.yaml)": ("spec.yaml", lambda p, d: __import__("slimloop.model", fromlist=["x"]).load_spec(p),
+                         ConfigError),
+}
+
+
+@pytest.mark.parametrize("loader", sorted(LOADERS))
+def test_pickle_payloads_are_refused_by_every_loader_and_never_run(loader, tmp_path, tiny_data):
+    name, load, error = LOADERS[loader]
+    marker = tmp_path / "pwned"
+    refused = {}
+    for kind, payload in _pickles(tmp_path, marker).items():
+        folder = tmp_path / kind.replace(" ", "_")
+        folder.mkdir()
+        (folder / name).write_bytes(payload)
+        with pytest.raises(Exception) as info:  # noqa: PT011 -- the type is checked below
+            load(folder / name, tiny_data)
+        refused[kind] = info.value
+    assert not marker.exists(), "a pickle payload was executed"
+    assert all(isinstance(exc, error) for exc in refused.values()), refused
+
+
+# ---- nothing in the code unpickles, shells out or loads YAML unsafely -------------------------
+
+FORBIDDEN_NAMES = {"pickle", "cPickle", "_pickle", "dill", "shelve", "marshal", "cloudpickle", "joblib"}
+
+
+def _unsafe_calls(source: str, filename: str) -> list[str]:
+    """Unsafe deserialization and shell use in ``source`` (comments and strings do not count)."""
+    found = []
+
+    def flag(node: ast.AST, what: str) -> None:
+        found.append(f"{filename}:{node.lineno}: {what}")
+
+    for node in ast.walk(ast.parse(source, filename)):
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                if name and name.split(".")[0] in FORBIDDEN_NAMES:
+                    flag(node, f"imports {name}")
+        elif isinstance(node, ast.Name) and node.id in FORBIDDEN_NAMES:
+            flag(node, f"uses {node.id}")
+        elif isinstance(node, ast.Call):
+            func = ast.unparse(node.func)
+            kwargs = {k.arg: ast.unparse(k.value) for k in node.keywords}
+            if kwargs.get("shell") not in (None, "False"):
+                flag(node, f"{func}(shell={kwargs['shell']})")
+            if func in ("os.system", "os.popen", "system", "popen") or func.startswith("os.exec") or func.startswith("os.spawn"):
+                flag(node, f"{func}()")
+            if func.endswith("torch.load") or func == "load" and "weights_only" in kwargs:
+                if kwargs.get("weights_only") != "True":
+                    flag(node, f"{func}() without weights_only=True")
+            if func in ("yaml.load", "yaml.load_all") and not any(
+                    "SafeLoader" in v for v in [*kwargs.values(), *map(ast.unparse, node.args[1:])]):
+                flag(node, f"{func}() without SafeLoader")
+            if func in ("yaml.unsafe_load", "yaml.full_load", "yaml.unsafe_load_all", "yaml.full_load_all"):
+                flag(node, f"{func}()")
+            if func.endswith(("np.load", "numpy.load")) and kwargs.get("allow_pickle") not in (None, "False"):
+                flag(node, f"{func}(allow_pickle=...)")
+            if func in ("eval", "exec", "pd.read_pickle", "pandas.read_pickle"):
+                flag(node, f"{func}()")
+    return found
+
+
+def test_checker_finds_each_unsafe_pattern():
+    bad = ("import pickle\nimport subprocess, os, yaml, torch\nsubprocess.run('x', shell=True)\nos.system('x')\n"
+           "torch.load('m.pt')\ntorch.load('m.pt', weights_only=False)\nyaml.load(s)\n"
+           "yaml.load(s, Loader=yaml.Loader)\nyaml.unsafe_load(s)\n")
+    good = ("import subprocess, yaml, torch\nsubprocess.run(['x'], shell=False)\ntorch.load('m', weights_only=True)\n"
+            "yaml.load(s, Loader=yaml.SafeLoader)\nyaml.safe_load(s)\nx = 'pickle is never used' # pickle\n")
+    assert [int(hit.split(":")[1]) for hit in _unsafe_calls(bad, "bad.py")] == [1, 3, 4, 5, 6, 7, 8, 9]
+    assert _unsafe_calls(good, "good.py") == []
+
+
+def test_source_tree_has_no_unsafe_deserialization_or_shell():
+    files = sorted([*(ROOT / "src").rglob("*.py"), *(ROOT / "flows").rglob("*.py")])
+    assert len(files) > 30
+    found = [hit for f in files for hit in _unsafe_calls(f.read_text(encoding="utf-8"), str(f.relative_to(ROOT)))]
+    assert found == []
