@@ -1,14 +1,10 @@
 """The synthetic dataset is the same bytes on any machine: CPU features, threads and workers
 change nothing, and a golden hash of a 20-image dataset catches drift."""
 
-import hashlib
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # sha256 over (path, sha256 of the file) of every file of the 20-image dataset below, with the
