@@ -5,8 +5,12 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-# This machine serves these two from disk to plain pip; other machines download them.
-TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+# Every package comes from a lock with hashes (requirements/*.lock, torch 2.14.1 and torchvision
+# 0.29.1 among them); `make lock` refreshes both locks from pyproject.toml.
+LOCK := requirements/runtime.lock
+DEV_LOCK := requirements/dev.lock
+UV_COMPILE = $(VENV)/bin/uv pip compile pyproject.toml requirements/build.in --universal \
+	--python-version 3.11 --generate-hashes -q --custom-compile-command "make lock"
 
 # Keep every run offline and quiet: no telemetry, no update checks.
 export DO_NOT_TRACK := 1
@@ -17,25 +21,30 @@ export MPLBACKEND := Agg
 # dvc runs each stage's `python -m flows.<stage>` with this PATH: the venv's python first.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: demo test install install-dev lint clean-venv help
+.PHONY: demo test install install-dev lint lock clean-venv help
 
 help:
 	@echo "make demo   - create .venv, install, run 'dvc repro' on the embedded default"
 	@echo "make test   - create .venv, install with dev extras, run pytest"
 	@echo "make lint   - ruff"
+	@echo "make lock   - re-resolve requirements/*.lock from pyproject.toml (then make test)"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
+	$(PY) -m pip --version
 
-$(VENV)/.installed: pyproject.toml | $(PY)
-	$(PIP) install -q $(TORCH_PINS)
-	$(PIP) install -q -e .
+# --no-deps: the lock is complete, so pip installs exactly it; `pip check` proves it consistent.
+$(VENV)/.installed: $(LOCK) pyproject.toml | $(PY)
+	$(PIP) install -q --require-hashes --no-deps -r $(LOCK)
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	$(PIP) check
+	@rm -f $(VENV)/.installed-dev
 	@touch $@
 
-$(VENV)/.installed-dev: pyproject.toml | $(PY)
-	$(PIP) install -q $(TORCH_PINS)
-	$(PIP) install -q -e ".[dev]"
+$(VENV)/.installed-dev: $(DEV_LOCK) pyproject.toml | $(PY)
+	$(PIP) install -q --require-hashes --no-deps -r $(DEV_LOCK)
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	$(PIP) check
 	@touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
@@ -49,6 +58,10 @@ test: install-dev
 
 lint: install-dev
 	$(VENV)/bin/ruff check src flows tests benchmarks
+
+lock: install-dev
+	$(UV_COMPILE) -o $(LOCK)
+	$(UV_COMPILE) --extra dev -o $(DEV_LOCK)
 
 clean-venv:
 	rm -rf $(VENV)

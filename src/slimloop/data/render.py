@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import cv2
 import numpy as np
 import segno
 
+from slimloop.data import raster
 from slimloop.errors import DataError, Problem
 
 # python-barcode symbologies that build from the payloads below (EAN/UPC guard variants give
@@ -123,12 +125,11 @@ def barcode_art(rng: np.random.Generator, long_px: float, aspect: float) -> Art:
     maps = np.zeros((height + 2 * margin, width + 2 * quiet, 3), np.float32)
     maps[..., 2] = 1.0
     maps[margin : margin + height, quiet : quiet + width, 1] = 1.0
-    row = cv2.resize(dark.astype(np.float32)[None, :], (width, 1), interpolation=cv2.INTER_AREA)
+    row = raster.resize(dark.astype(np.float32)[None, :], (width, 1))
     maps[margin : margin + bars_h, quiet : quiet + width, 0] = row
     if text_h:
         ink = _text_ink(text, width, text_h, int(rng.choice(_FONTS[:3])))
-        guard_row = cv2.resize(guard.astype(np.float32)[None, :], (width, 1),
-                               interpolation=cv2.INTER_AREA)  # fmt: skip
+        guard_row = raster.resize(guard.astype(np.float32)[None, :], (width, 1))
         ink = np.maximum(ink, guard_row * (np.arange(text_h) < text_h * 0.6)[:, None])
         maps[margin + bars_h : margin + height, quiet : quiet + width, 0] = ink
     return Art(maps, (quiet, margin, quiet + width, margin + height), float(width))
@@ -148,7 +149,7 @@ def qr_art(rng: np.random.Generator, long_px: float) -> Art:
     except segno.DataOverflowError:
         qr = segno.make(payload[:7], **options)  # 7 bytes fit any version and error level
     matrix = np.array([list(r) for r in qr.matrix], dtype=np.float32)  # (N, N), 1 = dark
-    modules = cv2.resize(matrix, (side, side), interpolation=cv2.INTER_AREA)
+    modules = raster.resize(matrix, (side, side))
     quiet = int(round(side / len(matrix) * rng.uniform(0, 4))) if rng.random() < 0.8 else 0
     maps = np.zeros((side + 2 * quiet, side + 2 * quiet, 3), np.float32)
     maps[..., 2] = 1.0
@@ -163,19 +164,19 @@ def homography(
     """Canvas -> image transform: rotate by ``angle`` (degrees) about the region centre, move it to
     ``at`` and displace each corner by ``jitter * long_side`` at most (a mild perspective)."""
     h, w = art.maps.shape[:2]
-    src = np.array([[0, 0], [w, 0], [w, h], [0, h]], np.float32)
-    t = np.deg2rad(angle)
-    rot = np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]], np.float32)
-    dst = (src - np.array(art.center, np.float32)) @ rot.T + np.array(at, np.float32)
-    dst += rng.uniform(-jitter, jitter, (4, 2)).astype(np.float32) * art.long_side
-    return cv2.getPerspectiveTransform(src, dst.astype(np.float32))
+    src = np.array([[0, 0], [w, 0], [w, h], [0, h]], np.float64)
+    t = math.radians(angle)
+    c, s = math.cos(t), math.sin(t)
+    x, y = src[:, 0] - art.center[0], src[:, 1] - art.center[1]
+    dst = np.stack([c * x - s * y + at[0], s * x + c * y + at[1]], 1)  # rotated about the centre
+    dst += rng.uniform(-jitter, jitter, (4, 2)) * art.long_side
+    return raster.perspective_matrix(src, dst)
 
 
 def region_polygon(art: Art, hom: np.ndarray) -> np.ndarray:
     """The warped corners (4, 2) of the art's code region."""
     x0, y0, x1, y1 = art.region
-    pts = np.array([[[x0, y0], [x1, y0], [x1, y1], [x0, y1]]], np.float32)
-    return cv2.perspectiveTransform(pts, hom)[0]
+    return raster.transform_points(np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]]), hom)
 
 
 @dataclass(frozen=True)
@@ -190,17 +191,14 @@ class Warped:
 def warp_art(art: Art, hom: np.ndarray, shape: tuple[int, int]) -> Warped | None:
     """Warp ``art`` into the window of an ``(H, W)`` image it touches; None if it misses it."""
     h, w = art.maps.shape[:2]
-    canvas = np.array([[[0, 0], [w, 0], [w, h], [0, h]]], np.float32)
-    corners = cv2.perspectiveTransform(canvas, hom)[0]
+    corners = raster.transform_points(np.array([[0, 0], [w, 0], [w, h], [0, h]]), hom)
     x0, y0 = np.floor(corners.min(0)).astype(int)
     x1, y1 = np.ceil(corners.max(0)).astype(int)
     x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, shape[1]), min(y1, shape[0])
     if x1 <= x0 or y1 <= y0:
         return None
-    shift = np.array([[1, 0, -x0], [0, 1, -y0], [0, 0, 1]], np.float64)
-    maps = cv2.warpPerspective(art.maps, shift @ hom, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR,
-                               borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
-    return Warped(maps.reshape(y1 - y0, x1 - x0, 3), x0, y0)
+    maps = raster.warp_perspective(art.maps, raster.translate(hom, -x0, -y0), (x1 - x0, y1 - y0))
+    return Warped(maps, x0, y0)
 
 
 def gray3(plane: np.ndarray) -> np.ndarray:
@@ -263,7 +261,8 @@ def _distractor_art(rng: np.random.Generator, kind: str, side: int) -> Art:
         if rng.random() < 0.5:
             ink = ((xx // (period / 2)) % 2).astype(np.float32)
         else:
-            ink = 0.5 + 0.5 * np.sin(2 * np.pi * xx / period)
+            wave = [0.5 + 0.5 * math.sin(2 * math.pi * x / period) for x in range(side)]
+            ink = np.broadcast_to(np.array(wave, np.float32), (height, side)).copy()
     else:  # grid of thin lines
         lw = max(1.0, period * 0.15)
         ink = (((xx % period) < lw) | ((yy % period) < lw)).astype(np.float32)
@@ -301,24 +300,26 @@ def procedural_background(rng: np.random.Generator, size: int) -> np.ndarray:
     xx, yy = ramp[None, :], ramp[:, None]  # (1, S), (S, 1): broadcast instead of full grids
     if kind == 0:
         theta = rng.uniform(0, 2 * np.pi)
-        t = np.cos(theta) * xx + np.sin(theta) * yy  # (S, S)
+        t = math.cos(theta) * xx + math.sin(theta) * yy  # (S, S)
         t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
         start, stop = random_color(rng), random_color(rng)
         img = cv2.merge([t * (b - a) + a for a, b in zip(start, stop, strict=True)])
     elif kind == 1:
         k = int(rng.integers(2, 9))
         low = rng.uniform(0, 255, (k, k, 3)).astype(np.float32)
-        img = cv2.resize(low, (size, size), interpolation=cv2.INTER_CUBIC)
+        img = raster.resize(low, (size, size), "cubic")
     elif kind == 2:
         img = cv2.merge([np.full((size, size), c, np.float32) for c in random_color(rng)])
     else:
         f1, f2 = (float(v) for v in rng.uniform(10, 60, 2))
-        weave = np.sin(2 * np.pi * f1 * xx) * np.sin(2 * np.pi * f2 * yy) * rng.uniform(5, 30)
+        across = np.array([math.sin(2 * math.pi * f1 * i / size) for i in range(size)], np.float32)
+        down = np.array([math.sin(2 * math.pi * f2 * i / size) for i in range(size)], np.float32)
+        weave = across[None, :] * down[:, None] * np.float32(rng.uniform(5, 30))  # (S, S)
         img = cv2.add(gray3(weave.astype(np.float32)), scalar(random_color(rng)))
     img = img.astype(np.float32, copy=False)
     if rng.random() < 0.6:
         grain = rng.standard_normal((size, size), dtype=np.float32) * rng.uniform(3, 25)
-        img += gray3(cv2.GaussianBlur(grain, (0, 0), rng.uniform(0.5, 2.0)))
+        img += gray3(raster.gaussian_blur(grain, rng.uniform(0.5, 2.0)))
     if rng.random() < 0.5:
         _draw_clutter(rng, img, int(rng.integers(3, 13)))
     return img

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
 import multiprocessing
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -14,6 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from slimloop.config import DataParams, SyntheticParams
+from slimloop.data import raster
 from slimloop.data.canonical import SPLITS, Sample, Split, image_dir, write_annotations
 from slimloop.data.render import (
     Art,
@@ -127,7 +130,7 @@ def _code_art(rng: np.random.Generator, params: SyntheticParams, size: int) -> t
     """A barcode or QR code with its longest side log-uniform in [min_size, max_size] * size."""
     label = int(rng.random() < 0.5)
     lo, hi = params.min_size * size, params.max_size * size
-    long_px = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+    long_px = math.exp(rng.uniform(math.log(lo), math.log(hi)))
     if label == 1:
         return qr_art(rng, long_px), label
     aspect = rng.uniform(0.25, 0.85)
@@ -168,7 +171,7 @@ def _position(rng: np.random.Generator, art: Art, size: int) -> np.ndarray:
     at = np.where(
         stop > start, rng.uniform(start, np.maximum(stop, start + 1e-6)), (start + stop) / 2
     )
-    return np.array([[1, 0, at[0]], [0, 1, at[1]], [0, 0, 1]], np.float64) @ hom
+    return raster.translate(hom, float(at[0]), float(at[1]))
 
 
 def _try_place(
@@ -179,9 +182,7 @@ def _try_place(
     hom = _position(rng, art, size)
     region = region_polygon(art, hom)
     h, w = art.maps.shape[:2]
-    paper = cv2.perspectiveTransform(np.array([[[0, 0], [w, 0], [w, h], [0, h]]], np.float32), hom)[
-        0
-    ]
+    paper = raster.transform_points(np.array([[0, 0], [w, 0], [w, h], [0, h]]), hom)
     rough, paper_box = np.clip(_bbox(region), 0, size), np.clip(_bbox(paper), 0, size)
     for other in placed:
         # the new label is drawn on top: it may hide at most a tenth of an earlier code
@@ -194,7 +195,7 @@ def _try_place(
         return None
     window = warped.maps[..., 1] > 0.5  # the code's pixels: coverage of at least half
     inside = int(window.sum())
-    if inside == 0 or inside < MIN_INSIDE * cv2.contourArea(region):
+    if inside == 0 or inside < MIN_INSIDE * raster.polygon_area(region):
         return None
     cols, rows = np.flatnonzero(window.any(0)), np.flatnonzero(window.any(1))
     box = np.array([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], np.float64)
@@ -241,24 +242,26 @@ def _degrade(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
         xx, yy = ramp[None, :], ramp[:, None]  # (1, S), (S, 1)
         if rng.random() < 0.5:
             theta = rng.uniform(0, 2 * np.pi)
-            t = np.cos(theta) * xx + np.sin(theta) * yy
+            t = math.cos(theta) * xx + math.sin(theta) * yy
         else:
             cx, cy = (float(v) for v in rng.uniform(0, 1, 2))
-            t = -np.hypot(xx - cx, yy - cy)
+            t = -np.sqrt((xx - cx) * (xx - cx) + (yy - cy) * (yy - cy))  # not np.hypot: CPU-dependent
         t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
         dark, bright = rng.uniform(0.45, 0.9), rng.uniform(1.0, 1.25)
         img = img * gray3((dark + (bright - dark) * t).astype(np.float32))
     scale = size / 256
     r = rng.random()
     if r < 0.35:
-        img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.3, 1.2) * scale)
+        img = raster.gaussian_blur(img, rng.uniform(0.3, 1.2) * scale)
     elif r < 0.45:
         length = max(int(round(rng.uniform(2, 5) * scale)), 2)
         kernel = np.zeros((length, length), np.float32)
         kernel[length // 2, :] = 1.0 / length
-        rot = cv2.getRotationMatrix2D(((length - 1) / 2, (length - 1) / 2), rng.uniform(0, 180), 1)
-        kernel = cv2.warpAffine(kernel, rot, (length, length))
-        img = cv2.filter2D(img, -1, kernel / max(float(kernel.sum()), 1e-6))
+        rot = raster.rotation_about(((length - 1) / 2, (length - 1) / 2), rng.uniform(0, 180))
+        kernel = raster.warp_perspective(kernel, rot, (length, length))
+        if length % 2 == 0:  # an odd size centres the kernel (OpenCV's even-size anchor is implicit)
+            kernel = np.pad(kernel, ((0, 1), (0, 1)))
+        img = raster.filter2d(img, kernel / max(math.fsum(kernel.ravel().tolist()), 1e-6))
     if rng.random() < 0.6:  # luminance noise: a third of the cost of per-channel noise
         sigma = rng.uniform(2, 12)
         img = img + gray3(rng.standard_normal((size, size), dtype=np.float32) * sigma)
@@ -290,6 +293,19 @@ def _render_file(job: _Job, task: tuple[str, int]) -> Sample:
 
 def _init_worker() -> None:
     cv2.setNumThreads(1)  # one worker per core; OpenCV's own threads would oversubscribe
+    cv2.ipp.setUseIPP(False)  # see without_ipp
+
+
+@contextlib.contextmanager
+def without_ipp() -> Iterator[None]:
+    """Intel IPP off inside the block: its code differs by CPU generation, and so did its pixels
+    (the resize of a photo background); OpenCV's own integer paths give the same bits anywhere."""
+    before = cv2.ipp.useIPP()
+    cv2.ipp.setUseIPP(False)
+    try:
+        yield
+    finally:
+        cv2.ipp.setUseIPP(before)
 
 
 def _render_all(
@@ -340,7 +356,7 @@ def generate_dataset(
         workers = 2 if len(tasks) >= POOL_MIN_IMAGES else 0
     if params.backgrounds_dir:
         protected = [*protected, Protected("the backgrounds folder", Path(params.backgrounds_dir))]
-    with atomic_dir(out_dir, protected) as tmp:
+    with atomic_dir(out_dir, protected) as tmp, without_ipp():
         for split in SPLITS:
             image_dir(tmp, split).mkdir(parents=True, exist_ok=True)
         job = _Job(data.seed, params, tmp, backgrounds)
