@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from slimloop.nightly import OFFLINE_ENV
+from slimloop.offline import OFFLINE_ENV
 
 
 def offline_defaults() -> None:

@@ -37,7 +37,7 @@ class StepCachePolicy(CachePolicy):
     """
 
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> str | None:
-        return step_key(inputs["name"], inputs["kwargs"])
+        return step_key(inputs["name"], inputs["fn"], inputs["kwargs"])
 
 
 def worth_retrying(task, task_run, state) -> bool:
@@ -53,7 +53,7 @@ def worth_retrying(task, task_run, state) -> bool:
 def step_task(name: str, fn: str, kwargs: dict[str, Any]) -> dict[str, Any]:
     """One loop step as a Prefect task: cached by :class:`StepCachePolicy`, run into the store."""
     txn = get_transaction()
-    key = txn.key if txn is not None and txn.key else step_key(name, kwargs)
+    key = txn.key if txn is not None and txn.key else step_key(name, fn, kwargs)
     return run_stored_step(name, fn, kwargs, key)
 
 
@@ -80,7 +80,8 @@ def prefect_run_step(name: str, fn, kwargs: dict[str, Any]):
 
 def local_run_step(name: str, fn, kwargs: dict[str, Any]):
     """``run_step`` without Prefect: the same content-addressed store, keyed by :func:`step_key`."""
-    return _step_result(run_stored_step(name, f"{fn.__module__}.{fn.__name__}", kwargs, step_key(name, kwargs)))
+    qualname = f"{fn.__module__}.{fn.__name__}"
+    return _step_result(run_stored_step(name, qualname, kwargs, step_key(name, qualname, kwargs)))
 
 
 def prefect_api_available() -> str | None:

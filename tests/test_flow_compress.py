@@ -20,19 +20,30 @@ from slimloop.config import (
 from slimloop.store.entries import store_dir
 from slimloop.store.keys import step_key
 
+PRUNE = "slimloop.compress.prune.prune_step"
+
 
 def test_key_follows_content_not_path(tmp_path):
     a, b = tmp_path / "a.bin", tmp_path / "b.bin"
     a.write_bytes(b"weights")
     b.write_bytes(b"weights")
     sparse = SparseParams(epochs=1)
-    assert step_key("prune", {"ckpt": a, "sparse": sparse}) == step_key("prune", {"ckpt": b, "sparse": sparse})
+    assert step_key("prune", PRUNE, {"ckpt": a, "sparse": sparse}) == step_key("prune", PRUNE, {"ckpt": b, "sparse": sparse})
     b.write_bytes(b"other")
-    assert step_key("prune", {"ckpt": a, "sparse": sparse}) != step_key("prune", {"ckpt": b, "sparse": sparse})
-    assert step_key("prune", {"ckpt": a, "sparse": sparse}) != step_key(
-        "prune", {"ckpt": a, "sparse": SparseParams(epochs=2)})
-    assert step_key("prune", {"ckpt": a, "out_dir": tmp_path / "x"}) == step_key(
-        "prune", {"ckpt": a, "out_dir": tmp_path / "y"})
+    assert step_key("prune", PRUNE, {"ckpt": a, "sparse": sparse}) != step_key("prune", PRUNE, {"ckpt": b, "sparse": sparse})
+    assert step_key("prune", PRUNE, {"ckpt": a, "sparse": sparse}) != step_key(
+        "prune", PRUNE, {"ckpt": a, "sparse": SparseParams(epochs=2)})
+    assert step_key("prune", PRUNE, {"ckpt": a, "out_dir": tmp_path / "x"}) == step_key(
+        "prune", PRUNE, {"ckpt": a, "out_dir": tmp_path / "y"})
+    assert step_key("prune", PRUNE, {"ckpt": a}) != step_key("prune", "slimloop.compress.pad.pad_step", {"ckpt": a})
+
+
+def test_step_code_is_the_import_closure_of_its_module():
+    from slimloop.store.keys import code_modules
+
+    names = {p.relative_to(p.parents[2]).as_posix() if "compress" in p.parts else p.name for p in code_modules(PRUNE)}
+    assert {"slimloop/compress/prune.py", "slimloop/compress/surgery.py", "train.py", "evaluate.py"} <= names
+    assert "report.py" not in names and not any("flows" in n for n in names)
 
 
 def test_store_is_absolute_and_overridable(monkeypatch, tmp_path):

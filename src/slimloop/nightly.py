@@ -20,16 +20,8 @@ from pydantic import Field, field_validator, model_validator
 
 from slimloop.config import StrictModel
 from slimloop.errors import SlimloopError
+from slimloop.offline import OFFLINE_ENV
 
-# Telemetry off and no waiting on the internet: entry points (flows.common) and the commands of
-# the nightly run set these unless the user set them.
-OFFLINE_ENV = {
-    "DO_NOT_TRACK": "1",
-    "DVC_NO_ANALYTICS": "1",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
-    "MPLBACKEND": "Agg",
-}
 TAIL_LINES = 20
 ARTIFACT_ROWS = 50
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]*$"

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib
-import inspect
 import json
 from dataclasses import fields, is_dataclass
 from pathlib import Path
@@ -12,15 +10,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-# Modules whose code decides what a step produces: a change to any of them invalidates the cache.
-CODE_MODULES = (
-    "slimloop.compress.steps", "slimloop.compress.groups", "slimloop.compress.surgery",
-    "slimloop.compress.sparse", "slimloop.compress.prune", "slimloop.compress.pad",
-    "slimloop.compress.retrain", "slimloop.compress.distill", "slimloop.train", "slimloop.optim",
-    "slimloop.checkpoint", "slimloop.evaluate", "slimloop.profile", "slimloop.measure",
-    "slimloop.postprocess", "slimloop.model.spec", "slimloop.model.build", "slimloop.model.blocks",
-    "slimloop.model.loss", "slimloop.data.dataset", "slimloop.data.augment",
-)
+from slimloop.codegraph import closure_files, package_roots
+
 IGNORED_KWARGS = ("out_dir", "progress")
 
 
@@ -60,18 +51,32 @@ def _hash_value(value: Any, digest: Any) -> None:
         digest.update(json.dumps(value, sort_keys=True, default=repr).encode())
 
 
-def code_digest() -> str:
-    """Hash of the source of every module a step runs."""
+def code_modules(fn: str) -> list[Path]:
+    """Source files the step function ``fn`` (``package.module.function``) runs: its module and every
+    project module that imports, transitively (the same graph that derives dvc.yaml's deps)."""
+    return closure_files([fn.rpartition(".")[0]], package_roots())
+
+
+def code_digest(fn: str) -> str:
+    """Hash of the source of every module step function ``fn`` runs (paths relative to the package)."""
+    root = package_roots()["slimloop"].parent
     digest = hashlib.sha256()
-    for name in CODE_MODULES:
-        digest.update(inspect.getsource(importlib.import_module(name)).encode())
+    for path in code_modules(fn):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
 
-def step_key(name: str, kwargs: dict[str, Any]) -> str:
-    """Cache key of one step: its name, its inputs' contents and params, and the code."""
+def step_key(name: str, fn: str, kwargs: dict[str, Any]) -> str:
+    """Cache key of one step: its name, its inputs' contents and params, and the code it runs.
+
+    Args:
+        name: the step's name in the loop (``prune``, ``retrain``, ...).
+        fn: the step function, ``package.module.function``.
+        kwargs: its arguments; ``out_dir`` and ``progress`` do not count.
+    """
     digest = hashlib.sha256(name.encode())
-    digest.update(code_digest().encode())
+    digest.update(fn.encode())
+    digest.update(code_digest(fn).encode())
     for k in sorted(kwargs):
         if k not in IGNORED_KWARGS:
             digest.update(k.encode())
