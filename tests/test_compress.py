@@ -17,6 +17,7 @@ from slimloop.compress.prune import gamma_scores, prune_step, select_channels
 from slimloop.compress.retrain import retrain_step, scratch_epochs
 from slimloop.compress.sparse import (
     GammaHistogram,
+    SparsityControl,
     gamma_values,
     sparse_hooks,
     sparse_lambda,
@@ -61,10 +62,11 @@ def _keep(model, ratio, min_channels=2):
 
 @pytest.mark.parametrize(
     ("schedule", "expected"),
-    [("constant", (1.0, 1.0, 1.0)), ("linear", (1.0, 0.55, 0.1)), ("cosine", (1.0, 0.55, 0.1))],
+    [("constant", (1.0, 1.0, 1.0)), ("linear", (1.0, 0.55, 0.1)), ("cosine", (1.0, 0.55, 0.1)),
+     ("rising", (0.1, 0.55, 1.0))],
 )
 def test_lambda_schedules(schedule, expected):
-    sparse = SparseParams(lam=2e-3, schedule=schedule, final_fraction=0.1)
+    sparse = SparseParams(lam=2e-3, schedule=schedule, low_fraction=0.1)
     got = [sparse_lambda(sparse, x) / 2e-3 for x in (0.0, 0.5, 1.0)]
     assert got == pytest.approx(list(expected))
     if schedule == "cosine":  # cosine stays higher than linear early on
@@ -84,6 +86,32 @@ def test_sparsity_hook_drives_gammas_down(tiny_data, tiny_spec, tmp_path):
     assert means[0.0] > 0.95  # BN gammas start at 1
     # grads are clipped to norm 10 after the hook, so a huge lam moves each gamma ~lr0 * 10 / sqrt(N)
     assert means[5.0] < means[0.0] - 0.04, means
+
+
+def test_sparsity_control_raises_lam_until_enough_gammas_are_off(tiny_spec):
+    model = _model(tiny_spec)
+    control = SparsityControl(SparseParams(lam=1e-3, target_fraction=0.5, target_threshold=0.01, lam_growth=2.0))
+    assert control.lam(0.3) == 1e-3
+    control(0, model, {})  # every gamma is 1: short of the target, lam doubles
+    assert control.lam(0.3) == 2e-3
+    for conv in conv_modules(model).values():
+        conv.bn.weight.data[: (conv.bn.weight.numel() + 1) // 2] = 1e-3
+    control(1, model, {})  # at least half are off now: lam stays
+    assert control.lam(0.3) == 2e-3
+    assert [r["epoch"] for r in control.rows] == [1, 2] and control.rows[0]["below"] == 0.0
+    assert control.rows[1]["below"] >= 0.5
+    fixed = SparsityControl(SparseParams(lam=1e-3))  # no target: never adapts
+    fixed(0, model, {})
+    assert fixed.lam(0.9) == 1e-3
+
+
+def test_sparse_baseline_trains_with_the_penalty_and_nothing_else_does():
+    from slimloop.baseline import baseline_hooks
+    from slimloop.config import BaselineParams, Params
+
+    assert baseline_hooks(Params()).after_backward is None
+    hooks = baseline_hooks(Params(baseline=BaselineParams(sparse=True, lam=0.5, schedule="rising")))
+    assert hooks.after_backward is not None and len(hooks.on_epoch_end) == 1
 
 
 def test_gamma_histogram_rows_and_png(tiny_spec, tmp_path):
@@ -202,8 +230,8 @@ def chain(tiny_data, tiny_spec, tmp_path_factory):
     train_params = tiny_train_params(epochs=1)
     sp = sparse_train_step(base, tiny_data, SparseParams(epochs=1, lam=1e-3), train_params, TINY_EVAL,
                            root / "sparse", imgsz=128)
-    pr = prune_step(sp.checkpoint, tiny_data, PruneParams(ratio=0.4, min_channels=2), TINY_EVAL,
-                    root / "prune", imgsz=128)
+    pr = prune_step(sp.checkpoint, tiny_data, PruneParams(min_channels=2), TINY_EVAL,
+                    root / "prune", imgsz=128, ratio=0.4)
     pd = pad_step(sp.checkpoint, pr.extra["masks"], tiny_data, PadParams(multiple=8), TINY_EVAL,
                   root / "pad", imgsz=128)
     teacher = Lineage(sp.checkpoint, (pd.extra["masks"],))
@@ -213,6 +241,13 @@ def chain(tiny_data, tiny_spec, tmp_path_factory):
     ds = distill_step(rt.checkpoint, teacher, tiny_data, distill, train_params, TINY_EVAL, root / "distill",
                       imgsz=128, lr0=0.005)
     return {"base": base, "sparse": sp, "prune": pr, "pad": pd, "retrain": rt, "distill": ds, "root": root}
+
+
+def test_the_prune_record_says_what_was_cut(chain):
+    record = chain["prune"].record
+    assert record["ratio"] == 0.4 and record["landed"] is False and record["cut_channels"] > 0
+    assert 0.0 <= record["cut_gamma_below_1e-2"] <= 1.0
+    assert 0 <= chain["sparse"].record["gamma_below_threshold"] <= 1 and chain["sparse"].record["lam_scale"] == 1.0
 
 
 def test_every_step_returns_a_record_with_the_metric_keys(chain):

@@ -70,7 +70,7 @@ def project(tmp_path, tiny_data, tiny_spec, monkeypatch):
         sparse=SparseParams(epochs=1, lam=1e-3),
         retrain=RetrainParams(epochs=1),
         distill=DistillParams(mode="separate", epochs=1),
-        compress=CompressParams(iterations=1, step_ratio=0.3, tolerance=1.0),
+        compress=CompressParams(iterations=1, step_ratio=0.3, min_retention=0.0, tolerance=1.0),
     )
     seed_everything(0)
     result = train(build_model(tiny_spec), tiny_data, params.train, params.eval, tmp_path / "models/baseline",

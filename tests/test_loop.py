@@ -10,7 +10,8 @@ import torch
 from conftest import TINY_EVAL, tiny_train_params
 from slimloop.checkpoint import load_checkpoint, save_checkpoint
 from slimloop.compress.control import control_spec, fit_width, train_control
-from slimloop.compress.loop import decide, loop_prune_params, run_loop
+from slimloop.compress.decide import accepted, retention, smaller_step, target_reached
+from slimloop.compress.loop import run_loop
 from slimloop.compress.retrain import REWIND_NAME, rewind_saver, scratch_epochs
 from slimloop.config import (
     CompressParams,
@@ -40,53 +41,31 @@ def rec(map_, gflops_, params=None, latency=None):
     return {"map": map_, "gflops": gflops_, "params": params or int(gflops_ * 100), "latency_ms": latency or 2 * gflops_}
 
 
-def test_tolerance_exceeded_rolls_back_to_previous():
-    records = [rec(0.50, 8.0), rec(0.495, 6.0), rec(0.47, 4.0)]
-    d = decide(records, BASE, CompressParams(iterations=5, tolerance=0.01), TargetParams())
-    assert (d.stop, d.reason, d.best, d.accepted) == (True, "tolerance_exceeded", 2, (1, 2))
+def test_a_step_is_accepted_by_what_it_keeps_of_its_parent():
+    compress = CompressParams(min_retention=0.6)
+    assert accepted(rec(0.30, 8.0), rec(0.5, 10.0), compress)  # keeps exactly 60%
+    assert not accepted(rec(0.29, 8.0), rec(0.5, 10.0), compress)
+    assert retention(rec(0.1, 1.0), rec(0.0, 1.0)) == 1.0  # a parent with no mAP: nothing to lose
+    assert accepted(rec(0.03, 8.0), rec(0.05, 10.0), compress)  # relative: the same rule on a hard dataset
 
 
-def test_tolerance_exceeded_at_first_iteration_keeps_baseline():
-    d = decide([rec(0.30, 8.0)], BASE, CompressParams(tolerance=0.01), TargetParams())
-    assert (d.stop, d.reason, d.best, d.accepted) == (True, "tolerance_exceeded", 0, ())
+def test_backtracking_halves_the_step_down_to_the_floor():
+    compress = CompressParams(step_ratio=0.4, min_step_ratio=0.1)
+    assert smaller_step(0.4, compress) == 0.2 and smaller_step(0.2, compress) == 0.1
+    assert smaller_step(0.1, compress) is None
 
 
-def test_drop_equal_to_tolerance_is_inside():
-    d = decide([rec(0.49, 8.0)], BASE, CompressParams(iterations=3, tolerance=0.01), TargetParams())
-    assert not d.stop and d.best == 1 and d.reason is None
-
-
-def test_target_reached_needs_every_target_given():
-    records = [rec(0.50, 7.0, latency=30.0), rec(0.50, 4.0, latency=15.0)]
-    both = TargetParams(gflops_ratio=0.75, latency_ms=18.0)
-    d = decide(records, BASE, CompressParams(iterations=5), both)
-    assert (d.stop, d.reason, d.best) == (True, "target_reached", 2)
-    d1 = decide(records[:1], BASE, CompressParams(iterations=5), both)  # gflops met, latency not
-    assert not d1.stop
-    params_only = decide(records, BASE, CompressParams(iterations=5), TargetParams(params_ratio=0.7))
-    assert (params_only.reason, params_only.best) == ("target_reached", 1)  # 700 <= 0.7 * 1000
-
-
-def test_max_iterations_and_best_is_fewest_gflops_inside_tolerance():
-    records = [rec(0.50, 8.0), rec(0.52, 9.0), rec(0.499, 7.5)]  # iteration 2 grew (padding)
-    d = decide(records, BASE, CompressParams(iterations=3, tolerance=0.01), TargetParams())
-    assert (d.stop, d.reason, d.best, d.accepted) == (True, "max_iterations", 3, (1, 2, 3))
-    running = decide(records[:2], BASE, CompressParams(iterations=3), TargetParams())
-    assert (running.stop, running.best) == (False, 1)
-    tie = decide([rec(0.49, 8.0), rec(0.50, 8.0)], BASE, CompressParams(iterations=2), TargetParams())
-    assert tie.best == 2  # same GFLOPs: the better mAP
-
-
-def test_loop_prune_params_use_step_ratio_unless_threshold():
-    compress = CompressParams(step_ratio=0.2)
-    assert loop_prune_params(PruneParams(ratio=0.5), compress).ratio == 0.2
-    by_threshold = PruneParams(ratio=None, threshold=0.05)
-    assert loop_prune_params(by_threshold, compress) == by_threshold
+def test_targets_all_must_be_met():
+    both = TargetParams(gflops_ratio=0.6, latency_ms=10.0)
+    assert not target_reached(rec(0.49, 6.0, latency=12.0), BASE, both)  # gflops met, latency not
+    assert target_reached(rec(0.49, 5.0, latency=9.0), BASE, both)
+    assert target_reached(rec(0.49, 8.0, params=700), BASE, TargetParams(params_ratio=0.7))
+    assert not target_reached(rec(0.49, 1.0), BASE, TargetParams())  # no target: never reached
 
 
 def test_params_sections_validate_and_name_keys():
-    with pytest.raises(ValueError, match="exactly one of ratio and threshold"):
-        PruneParams(ratio=0.3, threshold=0.1)
+    with pytest.raises(ValueError, match="min_step_ratio"):
+        CompressParams(step_ratio=0.2, min_step_ratio=0.3)
     with pytest.raises(ValueError, match="multiple"):
         Params.model_validate({"pad": {"multiple": 4}})
     with pytest.raises(ValueError, match="compress.step_ratio"):
@@ -111,8 +90,8 @@ def baseline(tiny_data, tiny_spec, tmp_path_factory):
 
 def _params(**sections):
     base = dict(train=tiny_train_params(epochs=1), eval=TINY_EVAL, sparse=SparseParams(epochs=1, lam=1e-3),
-                prune=PruneParams(ratio=0.3, min_channels=2), retrain=RetrainParams(epochs=1),
-                distill=DistillParams(mode="off", epochs=1), compress=CompressParams(iterations=3))
+                prune=PruneParams(min_channels=2), retrain=RetrainParams(epochs=1),
+                distill=DistillParams(mode="off", epochs=1), compress=CompressParams(iterations=3, step_ratio=0.3))
     return Params(**{**base, **sections})
 
 
@@ -123,7 +102,7 @@ def test_rewind_checkpoint_is_the_early_epoch(baseline):
     assert not torch.equal(early.state_dict[key], last.state_dict[key])
 
 
-def test_loop_rolls_back_when_first_iteration_exceeds_tolerance(baseline, tiny_data, tmp_path):
+def test_loop_backtracks_then_gives_up_and_keeps_the_baseline(baseline, tiny_data, tmp_path):
     calls = []
 
     def run_step(name, fn, kwargs):
@@ -134,25 +113,33 @@ def test_loop_rolls_back_when_first_iteration_exceeds_tolerance(baseline, tiny_d
     base_gflops = gflops(build_model(load_checkpoint(baseline).spec), 128)
     reference = {**rec(1.0, base_gflops), "imgsz": 128}
     retrain = RetrainParams(mode="scratch", epochs=2, scratch_budget=True, budget_cap=3.0)
-    params = _params(retrain=retrain, compress=CompressParams(iterations=3, tolerance=0.01, final_retrain="scratch"))
-    result = run_loop(baseline, reference, params, tiny_data, tmp_path, run_step=run_step)
-    assert calls == ["sparse_train", "prune", "pad", "retrain"]  # no final retraining of the baseline
-    assert (result.decision.reason, result.decision.best) == ("tolerance_exceeded", 0)
+    compress = CompressParams(iterations=3, step_ratio=0.3, min_step_ratio=0.075, min_retention=0.99,
+                              final_retrain="scratch")
+    result = run_loop(baseline, reference, _params(retrain=retrain, compress=compress), tiny_data, tmp_path,
+                      run_step=run_step)
+    # one sparse run, then cuts of 0.3, 0.15 and 0.075, each rejected; no final retraining of the baseline
+    assert calls == ["sparse_train"] + ["prune", "pad", "retrain"] * 3
+    assert (result.decision.reason, result.decision.best) == ("cannot_compress", 0)
     assert result.final_checkpoint == baseline and result.final_record is reference
     (it,) = result.iterations
     assert it["iteration"] == 1 and not it["accepted"] and it["map_drop"] > 0.01
+    assert [a["ratio"] for a in it["attempts"]] == pytest.approx([0.3, 0.15, 0.075], abs=1e-6)
+    assert not any(a["accepted"] for a in it["attempts"]) and all(a["retention"] < 0.99 for a in it["attempts"])
     assert set(it["steps"]) == {"sparse", "pruned", "padded", "retrained", "distilled"}
     assert it["steps"]["distilled"] is None and it["final_step"] == "retrained"
     for step in ("sparse", "pruned", "padded", "retrained"):
         assert set(KEYS) <= set(it["steps"][step])
     retrained, padded = it["steps"]["retrained"], it["steps"]["padded"]
     assert retrained["mode"] == "scratch" and retrained["distill"] == "off"
-    assert retrained["epochs"] == scratch_epochs(2, base_gflops, padded["gflops"], 3.0) > 2  # scratch-B
+    assert retrained["epochs"] == scratch_epochs(2, base_gflops, padded["gflops"], 3.0)  # scratch-B
+    assert it["attempts"][0]["epochs"] > 2  # the largest cut trained longest
     assert 0 < it["kept_fraction"] < 1 and it["epochs"] == 1 + retrained["epochs"]
+    assert it["epochs_spent"] == 1 + sum(a["epochs"] for a in it["attempts"])
     assert build_model(load_checkpoint(it["checkpoint"]).spec)  # the spec dict is the checkpoint's
     assert it["spec"] == load_checkpoint(it["checkpoint"]).spec.to_dict()
     summary = result.summary()
-    assert summary["final_iteration"] == 0 and summary["reason"] == "tolerance_exceeded"
+    assert summary["final_iteration"] == 0 and summary["reason"] == "cannot_compress"
+    assert len(summary["first_attempts"]) == 3
     json.dumps(result.iterations)
     json.dumps(summary)
 
@@ -161,7 +148,7 @@ def test_loop_stops_at_target_with_rewind_and_joint_distillation(baseline, tiny_
     base_gflops = gflops(build_model(load_checkpoint(baseline).spec), 128)
     reference = {**rec(0.0, base_gflops), "imgsz": 128}
     params = _params(retrain=RetrainParams(mode="rewind", epochs=1, rewind_epoch=1),
-                     distill=DistillParams(mode="joint", epochs=1), target=TargetParams(gflops_ratio=1.0))
+                     distill=DistillParams(mode="joint", epochs=1), target=TargetParams(gflops_ratio=0.9))
     result = run_loop(baseline, reference, params, tiny_data, tmp_path)
     assert (result.decision.reason, result.decision.best) == ("target_reached", 1)
     (it,) = result.iterations
@@ -171,7 +158,8 @@ def test_loop_stops_at_target_with_rewind_and_joint_distillation(baseline, tiny_
     assert set(retrained["distill_terms"]) >= {"kd_obj", "kd_cls", "kd_kl", "kd_box", "kd_feat"}
     meta = load_checkpoint(result.final_checkpoint).meta
     assert "rewind" in meta and "teacher" in meta
-    assert result.final_record["gflops"] <= base_gflops
+    assert 0.85 * base_gflops < result.final_record["gflops"] <= 0.9 * base_gflops + 1e-6  # landed on it
+    assert it["landed"] and 0 < it["ratio"] < 0.3 and it["steps"]["pruned"]["landed"]
 
 
 def test_final_retrain_trains_the_final_structure_again_and_counts_its_epochs(baseline, tiny_data, tmp_path):

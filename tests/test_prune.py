@@ -170,3 +170,19 @@ def test_recalibration_sets_bn_statistics_from_the_images_and_touches_nothing_el
     for k, v in model.state_dict().items():
         if k in weights:
             assert torch.equal(v, weights[k]), k
+
+
+def test_criteria_rank_channels_differently_and_random_is_seeded(tiny_spec):
+    from slimloop.compress.prune import channel_scores, filter_l1_scores
+
+    model = randomize_bn(build_model(tiny_spec))
+    topo = topology(model.spec)
+    gamma, l1 = channel_scores(model, topo, "gamma"), channel_scores(model, topo, "l1")
+    assert set(gamma) == set(l1) and all(gamma[g].shape == l1[g].shape for g in gamma)
+    name = next(iter(topo.groups))
+    conv = conv_modules(model)[topo.groups[name].members[0]].conv
+    assert torch.allclose(filter_l1_scores(model, topo)[name], conv.weight.detach().abs().mean((1, 2, 3))) \
+        or len(topo.groups[name].members) > 1
+    r1, r2 = channel_scores(model, topo, "random", seed=3), channel_scores(model, topo, "random", seed=3)
+    assert all(torch.equal(r1[g], r2[g]) for g in r1)
+    assert not all(torch.equal(r1[g], channel_scores(model, topo, "random", seed=4)[g]) for g in r1)

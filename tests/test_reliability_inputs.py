@@ -40,10 +40,10 @@ BAD_PARAMS = [
     ("sparse:\n  lam: -0.0001\n", "sparse.lam", "greater than or equal to 0"),
     ("sparse:\n  lam: .inf\n", "sparse.lam", "finite number"),
     ("train:\n  weight_decay: .nan\n", "train.weight_decay", "finite number"),
-    ("prune:\n  ratio: 1.0\n", "prune.ratio", "less than 1"),
-    ("prune:\n  ratio: 1.5\n", "prune.ratio", "less than 1"),
+    ("compress:\n  min_retention: 1.5\n", "compress.min_retention", "less than or equal to 1"),
+    ("prune:\n  criterion: magic\n", "prune.criterion", "'gamma', 'l1' or 'random'"),
     ("prune:\n  min_channels: 0\n", "prune.min_channels", "greater than or equal to 1"),
-    ("prune:\n  ratio: 0.3\n  threshold: 0.01\n", "prune", "exactly one of ratio and threshold"),
+    ("compress:\n  step_ratio: 0.2\n  min_step_ratio: 0.3\n", "compress", "must not exceed step_ratio"),
     ("pad:\n  multiple: 0\n", "pad.multiple", "1, 8, 16 or 32"),
     ("pad:\n  multiple: 12\n", "pad.multiple", "1, 8, 16 or 32"),
     ("train:\n  imgsz: 100\n", "train.imgsz", "multiple of the model stride 32"),
@@ -98,7 +98,7 @@ def test_bad_params_stop_the_compress_entry_point_naming_the_key(compress_entry,
 
 
 def test_compress_command_with_many_mistakes_names_every_key_and_exits_1(tmp_path):
-    text = "sparse:\n  lam: -1\nprune:\n  ratio: 1.0\npad:\n  multiple: 0\ntrain:\n  imgsz: 100\n  epoch: 3\n"
+    text = "sparse:\n  lam: -1\nprune:\n  criterion: magic\npad:\n  multiple: 0\ntrain:\n  imgsz: 100\n  epoch: 3\n"
     work, home = tmp_path / "work", tmp_path / "home"
     work.mkdir()
     home.mkdir()
@@ -108,7 +108,7 @@ def test_compress_command_with_many_mistakes_names_every_key_and_exits_1(tmp_pat
                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HOME": str(home),
                               "SLIMLOOP_CACHE": str(tmp_path / "store")})
     assert out.returncode == 1, out.stderr
-    for line, key in [(2, "sparse.lam"), (4, "prune.ratio"), (6, "pad.multiple"), (8, "train.imgsz"),
+    for line, key in [(2, "sparse.lam"), (4, "prune.criterion"), (6, "pad.multiple"), (8, "train.imgsz"),
                       (9, "train.epoch")]:
         assert f"bad.yaml:{line}: {key}: " in out.stderr, out.stderr
     assert "Traceback" not in out.stderr and out.stdout == ""

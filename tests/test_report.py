@@ -50,7 +50,7 @@ ITER_2 = {"iteration": 2, "final_step": "retrained", "accepted": False, "map_dro
                     "padded": rec(0.520, 0.310, 1.1, step="padded"),
                     "retrained": rec(0.700, 0.600, 1.1, step="retrained"),
                     "distilled": None}}
-FINAL = {"final_iteration": 1, "reason": "tolerance_exceeded", "accepted": [1], "iterations_run": 2,
+FINAL = {"final_iteration": 1, "reason": "step_floor", "tolerance": 0.01, "tolerance_met": True, "accepted": [1], "iterations_run": 2,
          "checkpoint": "/store/a/best.safetensors", "epochs_to_final": 12, "epochs_total": 20, "map_drop": -0.005,
          "record": ITER_1["steps"]["distilled"], "baseline": BASELINE}
 CONTROL = {"enabled": True, **rec(0.931, 0.650, 2.25, params=400_000), "width_multiple": 0.1875,
@@ -127,7 +127,9 @@ def test_summary_rows_in_order_with_formatted_numbers(written):
     assert "| 8 | final (iteration 1) | 0.962 | +0.012 | 0.705 | 1.00 | 12.50 | 2.30 | 1,234,567 |" in lines
     assert "| 9 | control (width x0.188) | 0.931 | -0.019 | 0.650 | 1.00 | 10.00 | 2.25 | 400,000 |" in lines
     assert "| 13 | final @ 96 | 0.880 | -0.070 | 0.590 | 1.00 | 7.00 | 1.30 | 1,234,567 |" in lines
-    assert "tolerance_exceeded" in text and "**iteration 1**" in text
+    assert "step_floor" in text and "**iteration 1**" in text
+    assert text.splitlines()[2].startswith("**Final model: 0.548x the baseline's GFLOPs")
+    assert "within the tolerance of 0.01" in text.splitlines()[2]
     assert "2 thread(s)" in text and "device `cpu`" in text
     assert "beats it" in text and "(+0.055)" in text  # final 0.705 vs control 0.650
     for name in PLOTS:
@@ -299,3 +301,17 @@ def test_final_retraining_gets_its_row_name_and_sentence(tmp_path):
     text = summary_markdown(inputs, rows, "")
     assert "trained again from random weights (plan C) for 42 epochs" in text
     assert "mAP@0.5:0.95 0.705 at the end of the loop, 0.720 after it" in text
+
+
+def test_headline_says_when_the_loop_could_not_compress():
+    from slimloop.report.summary import headline
+
+    tries = [{"ratio": 0.5, "retention": 0.2, "map": 0.14}, {"ratio": 0.25, "retention": 0.4, "map": 0.28}]
+    final = {**FINAL, "final_iteration": 0, "reason": "cannot_compress", "first_attempts": tries,
+             "record": BASELINE, "map_drop": 0.0}
+    line = headline(final)
+    assert line.startswith("**The loop could not compress this model**")
+    assert "ratio 0.5 kept 20% (mAP@0.5:0.95 0.140)" in line and "ratio 0.25 kept 40%" in line
+    assert "The final model is the baseline, unchanged." in line
+    missed = headline({**FINAL, "tolerance_met": False, "map_drop": 0.05})
+    assert "more than the tolerance of 0.01 below it" in missed

@@ -54,6 +54,21 @@ def relabel(spec: Any, names: tuple[str, ...]) -> Any:
     return dataclasses.replace(spec, detect=detect)
 
 
+def baseline_hooks(params: Params) -> Any:
+    """Training hooks of the baseline run: network slimming's L1 penalty on BN gammas from the first
+    epoch when ``baseline.sparse`` (the paper's recipe: channels are ranked by the time the loop
+    cuts), else none."""
+    from slimloop.compress.sparse import sparse_hooks
+    from slimloop.config import SparseParams
+    from slimloop.train import TrainHooks
+
+    b = params.baseline
+    if not b.sparse:
+        return TrainHooks()
+    return sparse_hooks(SparseParams(epochs=params.train.epochs, lam=b.lam, schedule=b.schedule,
+                                     low_fraction=b.low_fraction))
+
+
 def train_and_measure(
     spec: Any, params: Params, out_dir: Path, progress: bool = True, stage: str = "baseline"
 ) -> dict[str, Any]:
@@ -72,7 +87,8 @@ def train_and_measure(
     seed_everything(params.train.seed)
     model = build_model(spec)
     # an early checkpoint for retrain.mode=rewind (lottery-ticket late rewinding)
-    hooks = TrainHooks(on_epoch_end=[rewind_saver(out_dir, params.retrain.rewind_epoch)])
+    hooks = baseline_hooks(params) if stage == "baseline" else TrainHooks()
+    hooks.on_epoch_end.append(rewind_saver(out_dir, params.retrain.rewind_epoch))
     result = train(model, params.data.out_dir, params.train, params.eval, out_dir, hooks=hooks,
                    progress=progress, meta={"stage": stage})
     best = load_model(result.best)

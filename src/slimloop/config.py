@@ -205,30 +205,38 @@ class SparseParams(StrictModel):
 
     epochs: int = Field(3, ge=1)
     lam: float = Field(1e-4, ge=0, description="L1 strength: lam * sign(gamma) added to the grad")
-    schedule: Literal["constant", "linear", "cosine"] = "constant"
-    final_fraction: float = Field(0.1, ge=0, le=1, description="lam at the end, fraction of lam")
+    schedule: Literal["constant", "linear", "cosine", "rising"] = "constant"
+    low_fraction: float = Field(
+        0.1, ge=0, le=1, description="lam at the low end, fraction of lam: where linear/cosine end, rising starts")
+    target_fraction: float | None = Field(
+        None, gt=0, lt=1, description="raise lam by lam_growth after each epoch until this fraction of |gamma| "
+                                      "is below target_threshold (null = fixed lam)")
+    target_threshold: float = Field(1e-2, gt=0, description="|gamma| below this counts as switched off")
+    lam_growth: float = Field(2.0, ge=1, description="factor lam grows by after an epoch short of the target")
     lr0: float | None = Field(None, gt=0, description="learning rate (null = train.lr0); no warm-up")
 
 
-class PruneParams(StrictModel):
-    """Channel selection by one global |gamma| criterion: a ratio or an absolute threshold."""
+class BaselineParams(StrictModel):
+    """Training the baseline: with network slimming's L1 penalty from the first epoch, or without."""
 
-    ratio: float | None = Field(
-        0.3, ge=0, lt=1,
-        description="fraction of channels pruned by one prune step; the loop uses compress.step_ratio",
-    )
-    threshold: float | None = Field(None, ge=0, description="or prune every channel with |gamma| below")
+    sparse: bool = Field(False, description="train the baseline with the L1 penalty on BN gammas (the paper's recipe)")
+    lam: float = Field(1e-3, ge=0, description="its strength")
+    schedule: Literal["constant", "linear", "cosine", "rising"] = "constant"
+    low_fraction: float = Field(0.1, ge=0, le=1, description="as sparse.low_fraction")
+
+
+class PruneParams(StrictModel):
+    """Channel selection: rank every channel by one criterion and cut the lowest globally."""
+
+    criterion: Literal["gamma", "l1", "random"] = Field(
+        "gamma", description="rank channels by BN |gamma| (network slimming), conv filter L1, or at random")
+    threshold: float | None = Field(
+        None, ge=0, description="cut every channel with |gamma| below this instead of compress.step_ratio")
     min_channels: int = Field(8, ge=1, description="every channel group keeps at least this many")
     recalibrate: int = Field(
         128, ge=0,
         description="training images that re-estimate BN statistics after prune and pad (0 = off)",
     )
-
-    @model_validator(mode="after")
-    def _one_criterion(self) -> PruneParams:
-        if (self.ratio is None) == (self.threshold is None):
-            raise ValueError("give exactly one of ratio and threshold (set the other to null)")
-        return self
 
 
 class PadParams(StrictModel):
@@ -267,9 +275,18 @@ class DistillParams(StrictModel):
 class CompressParams(StrictModel):
     """The iterative loop (plan D)."""
 
-    iterations: int = Field(3, ge=1)
-    step_ratio: float = Field(0.3, gt=0, lt=1, description="fraction of remaining channels pruned per iteration")
-    tolerance: float = Field(0.01, ge=0, description="largest allowed mAP@0.5:0.95 drop vs baseline (absolute)")
+    iterations: int = Field(3, ge=1, description="accepted iterations at most")
+    step_ratio: float = Field(0.3, gt=0, lt=1, description="fraction of the remaining channels one iteration cuts")
+    min_step_ratio: float = Field(
+        0.05, gt=0, lt=1, description="backtracking halves a failed step down to this; below it the loop stops")
+    min_retention: float = Field(
+        0.5, ge=0, le=1, description="an iteration is accepted when its finetuned model keeps this fraction of "
+                                     "its parent's mAP@0.5:0.95; else it is retried with half the step")
+    land: bool = Field(True, description="cut only as much as just meets the size targets when a full step "
+                                         "would overshoot them")
+    tolerance: float = Field(
+        0.01, ge=0, description="largest mAP@0.5:0.95 drop of the final model vs the baseline (absolute); "
+                                "the report says whether it was met")
     imgsz: ImgSize | None = Field(None, description="evaluation size; null = train.imgsz")
     final_retrain: Literal["off", "scratch", "finetune"] = Field(
         "off", description="after the loop, train the final model once more: its weights further, or its "
@@ -277,6 +294,12 @@ class CompressParams(StrictModel):
     final_epochs: int | None = Field(None, ge=1, description="epochs of the final retraining; null = train.epochs")
     final_lr0: float | None = Field(None, gt=0, description="its initial learning rate (cosine to lrf); null = train.lr0")
     final_distill: bool = Field(False, description="distill from the baseline during the final retraining")
+
+    @model_validator(mode="after")
+    def _steps(self) -> CompressParams:
+        if self.min_step_ratio > self.step_ratio:
+            raise ValueError(f"min_step_ratio ({self.min_step_ratio}) must not exceed step_ratio ({self.step_ratio})")
+        return self
 
 
 class TargetParams(StrictModel):
@@ -308,6 +331,7 @@ class Params(StrictModel):
     data: DataParams = DataParams()
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
+    baseline: BaselineParams = BaselineParams()
     eval: EvalParams = EvalParams()
     sparse: SparseParams = SparseParams()
     prune: PruneParams = PruneParams()

@@ -8,20 +8,30 @@ from pathlib import Path
 from typing import Any
 
 from slimloop.checkpoint import load_checkpoint
+from slimloop.compress.decide import (
+    REASONS,
+    Decision,
+    accepted,
+    map_drop,
+    retention,
+    size_targets,
+    smaller_step,
+    target_reached,
+)
 from slimloop.compress.distill import distill_step
+from slimloop.compress.land import SizeTarget, spec_cost
 from slimloop.compress.pad import pad_step
 from slimloop.compress.prune import prune_step
 from slimloop.compress.retrain import REWIND_NAME, retrain_step
 from slimloop.compress.sparse import sparse_train_step
 from slimloop.compress.steps import Lineage, StepResult, evaluate_step
 from slimloop.compress.surgery import kept_fraction
-from slimloop.config import CompressParams, Params, PruneParams, TargetParams
+from slimloop.config import Params
 from slimloop.errors import ConfigError
 from slimloop.model import conv_widths
 
 StepFn = Callable[..., StepResult]
 RunStep = Callable[[str, StepFn, dict[str, Any]], StepResult]
-EPS = 1e-9  # metrics are rounded to 6 decimals: a drop equal to the tolerance is inside it
 
 
 def call_step(name: str, fn: StepFn, kwargs: dict[str, Any]) -> StepResult:
@@ -29,67 +39,10 @@ def call_step(name: str, fn: StepFn, kwargs: dict[str, Any]) -> StepResult:
     return fn(**kwargs)
 
 
-# ---- the decision ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Decision:
-    """Whether to stop after the records so far, why, and which model is final.
-
-    ``best`` is an iteration number (0 = the baseline); ``accepted`` the iterations inside the
-    tolerance; ``reason`` is ``target_reached``, ``tolerance_exceeded``, ``max_iterations`` or None.
-    """
-
-    stop: bool
-    reason: str | None
-    best: int
-    accepted: tuple[int, ...]
-
-
-def map_drop(record: dict[str, Any], baseline: dict[str, Any]) -> float:
-    """mAP@0.5:0.95 lost against the baseline (absolute; negative when it improved)."""
-    return float(baseline["map"]) - float(record["map"])
-
-
-def target_reached(record: dict[str, Any], baseline: dict[str, Any], target: TargetParams) -> bool:
-    """True when every target that is set is met (False when none is set)."""
-    checks = []
-    if target.gflops_ratio is not None:
-        checks.append(record["gflops"] <= target.gflops_ratio * baseline["gflops"] + EPS)
-    if target.params_ratio is not None:
-        checks.append(record["params"] <= target.params_ratio * baseline["params"])
-    if target.latency_ms is not None:
-        checks.append(record["latency_ms"] <= target.latency_ms)
-    return bool(checks) and all(checks)
-
-
-def best_iteration(records: list[dict[str, Any]], accepted: list[int] | tuple[int, ...]) -> int:
-    """The accepted iteration with the fewest GFLOPs (ties: higher mAP, then earlier); 0 if none."""
-    if not accepted:
-        return 0
-    return min(accepted, key=lambda k: (records[k - 1]["gflops"], -records[k - 1]["map"], k))
-
-
-def decide(records: list[dict[str, Any]], baseline: dict[str, Any], compress: CompressParams,
-           target: TargetParams) -> Decision:
-    """Stop/rollback rule over the final records of iterations 1..n (``records[k - 1]``).
-
-    Iterations are read in order: one whose mAP drop exceeds ``compress.tolerance`` stops the loop
-    and is rolled back (not accepted); one that meets the targets stops it; otherwise the loop stops
-    after ``compress.iterations``. The final model is the accepted iteration with the fewest GFLOPs.
-    """
-    accepted: list[int] = []
-    for k, record in enumerate(records, start=1):
-        if map_drop(record, baseline) > compress.tolerance + EPS:
-            return Decision(True, "tolerance_exceeded", best_iteration(records, accepted), tuple(accepted))
-        accepted.append(k)
-        if target_reached(record, baseline, target):
-            return Decision(True, "target_reached", best_iteration(records, accepted), tuple(accepted))
-    done = len(records) >= compress.iterations
-    return Decision(done, "max_iterations" if done else None, best_iteration(records, accepted), tuple(accepted))
-
-
 # ---- the loop ----------------------------------------------------------------------------------
+
+
+__all__ = ["REASONS", "Decision", "LoopResult", "run_loop"]
 
 
 @dataclass
@@ -103,6 +56,7 @@ class LoopResult:
     final_record: dict[str, Any]
     loop_record: dict[str, Any] | None = None  # the final iteration's record before the final retraining
     final_retrain: dict[str, Any] | None = None  # {"mode", "epochs"} when compress.final_retrain ran
+    tolerance: float = 0.01  # compress.tolerance: the final model's largest allowed drop
 
     @property
     def epochs_to_final(self) -> int:
@@ -120,9 +74,12 @@ class LoopResult:
         return {"final_iteration": self.decision.best, "reason": self.decision.reason,
                 "accepted": list(self.decision.accepted), "iterations_run": len(self.iterations),
                 "checkpoint": str(self.final_checkpoint), "epochs_to_final": self.epochs_to_final,
-                "epochs_total": sum(it["epochs"] for it in self.iterations)
+                "epochs_total": sum(it.get("epochs_spent", it["epochs"]) for it in self.iterations)
                 + (self.final_retrain["epochs"] if self.final_retrain else 0),
                 "map_drop": round(map_drop(self.final_record, self.baseline), 6),
+                "tolerance": self.tolerance,
+                "tolerance_met": map_drop(self.final_record, self.baseline) <= self.tolerance + 1e-9,
+                "first_attempts": self.iterations[0].get("attempts", []) if self.iterations else [],
                 "final_retrain": self.final_retrain, "loop_record": self.loop_record or self.final_record,
                 "record": self.final_record, "baseline": self.baseline}
 
@@ -138,21 +95,14 @@ class _Context:
     baseline: dict[str, Any]
     rewind_ckpt: Path | None
     progress: bool
+    land: SizeTarget | None = None
 
 
-def loop_prune_params(prune: PruneParams, compress: CompressParams) -> PruneParams:
-    """Per-iteration prune params: ``compress.step_ratio`` of the remaining channels, or the absolute
-    ``prune.threshold`` when that is the criterion."""
-    if prune.threshold is not None:
-        return prune
-    return prune.model_copy(update={"ratio": compress.step_ratio})
-
-
-def _retrain_kwargs(ctx: _Context, k: int, ckpt: Path, masks: list[Path], teacher: Lineage) -> dict[str, Any]:
+def _retrain_kwargs(ctx: _Context, out: Path, ckpt: Path, masks: list[Path], teacher: Lineage) -> dict[str, Any]:
     p = ctx.params
     kwargs: dict[str, Any] = dict(
         ckpt=ckpt, data_root=ctx.data_root, retrain=p.retrain, train_params=p.train, eval_params=p.eval,
-        out_dir=ctx.work_dir / f"iter_{k}" / "retrain", imgsz=ctx.imgsz, progress=ctx.progress)
+        out_dir=out / "retrain", imgsz=ctx.imgsz, progress=ctx.progress)
     if p.retrain.mode == "scratch" and p.retrain.scratch_budget:
         kwargs["base_gflops"] = ctx.baseline["gflops"]
     if p.retrain.mode == "rewind":
@@ -162,39 +112,79 @@ def _retrain_kwargs(ctx: _Context, k: int, ckpt: Path, masks: list[Path], teache
     return kwargs
 
 
-def _iteration(ctx: _Context, k: int, current: Path, masks: list[Path]) -> tuple[dict[str, Any], Path]:
-    """Run iteration ``k`` from ``current``; ``masks`` (iterations 1..k-1) gains this one's masks."""
-    p, run, out = ctx.params, ctx.run_step, ctx.work_dir / f"iter_{k}"
+def _sparse(ctx: _Context, k: int, current: Path) -> StepResult:
+    p = ctx.params
+    return ctx.run_step("sparse_train", sparse_train_step, dict(
+        ckpt=current, sparse=p.sparse, train_params=p.train, out_dir=ctx.work_dir / f"iter_{k}" / "sparse",
+        progress=ctx.progress, data_root=ctx.data_root, eval_params=p.eval, imgsz=ctx.imgsz))
+
+
+def _attempt(ctx: _Context, out: Path, current: Path, sparse: StepResult, ratio: float,
+             masks: list[Path]) -> tuple[dict[str, Any], Path, Path]:
+    """Cut ``ratio`` of ``sparse``'s channels, pad, finetune (and distill) into ``out``.
+
+    Returns the steps' records and widths, the final checkpoint, and this cut's mask file.
+    """
+    p, run = ctx.params, ctx.run_step
     common = dict(data_root=ctx.data_root, eval_params=p.eval, imgsz=ctx.imgsz)
-    sparse = run("sparse_train", sparse_train_step, dict(
-        ckpt=current, sparse=p.sparse, train_params=p.train, out_dir=out / "sparse", progress=ctx.progress,
-        **common))
     pruned = run("prune", prune_step, dict(
-        ckpt=sparse.checkpoint, prune=loop_prune_params(p.prune, p.compress), out_dir=out / "prune", **common))
+        ckpt=sparse.checkpoint, prune=p.prune, ratio=ratio, land=ctx.land, seed=p.train.seed,
+        out_dir=out / "prune", **common))
     padded = run("pad", pad_step, dict(
         ckpt=sparse.checkpoint, masks=Path(pruned.extra["masks"]), pad=p.pad, recalibrate=p.prune.recalibrate,
         out_dir=out / "pad", **common))
-    masks.append(Path(padded.extra["masks"]))
-    teacher = (Lineage(ctx.baseline_ckpt, tuple(masks)) if p.distill.teacher == "baseline"
-               else Lineage(current, (masks[-1],)))
-    retrained = run("retrain", retrain_step, _retrain_kwargs(ctx, k, padded.checkpoint, masks, teacher))
-    final, distilled, epochs = retrained, None, p.sparse.epochs + retrained.record["epochs"]
+    lineage = [*masks, Path(padded.extra["masks"])]
+    teacher = (Lineage(ctx.baseline_ckpt, tuple(lineage)) if p.distill.teacher == "baseline"
+               else Lineage(current, (lineage[-1],)))
+    retrained = run("retrain", retrain_step, _retrain_kwargs(ctx, out, padded.checkpoint, lineage, teacher))
+    final, distilled, epochs = retrained, None, retrained.record["epochs"]
     if p.distill.mode == "separate":
         distilled = run("distill", distill_step, dict(
             ckpt=retrained.checkpoint, teacher=teacher, distill=p.distill, train_params=p.train,
             out_dir=out / "distill", lr0=p.retrain.lr0, progress=ctx.progress, **common))
         final, epochs = distilled, epochs + p.distill.epochs
-    spec = load_checkpoint(final.checkpoint).spec
-    base_spec = load_checkpoint(ctx.baseline_ckpt).spec
     widths = {name: conv_widths(load_checkpoint(ckpt).spec)
               for name, ckpt in (("before", sparse.checkpoint), ("pruned", pruned.checkpoint),
                                  ("padded", padded.checkpoint))}
     steps = {"sparse": sparse.record, "pruned": pruned.record, "padded": padded.record,
              "retrained": retrained.record, "distilled": distilled.record if distilled else None}
-    return {"iteration": k, "steps": steps, "final_step": "distilled" if distilled else "retrained",
-            "spec": spec.to_dict(), "checkpoint": str(final.checkpoint),
-            "kept_fraction": round(kept_fraction(base_spec, spec), 6), "epochs": epochs, "widths": widths,
-            "gamma_histogram": sparse.extra.get("histogram", [])}, final.checkpoint
+    spec = load_checkpoint(final.checkpoint).spec
+    return {"steps": steps, "final_step": "distilled" if distilled else "retrained", "spec": spec.to_dict(),
+            "checkpoint": str(final.checkpoint), "widths": widths, "epochs": epochs,
+            "kept_fraction": round(kept_fraction(load_checkpoint(ctx.baseline_ckpt).spec, spec), 6),
+            "ratio": pruned.record.get("ratio", ratio), "landed": bool(pruned.record.get("landed"))}, \
+        final.checkpoint, Path(padded.extra["masks"])
+
+
+def _iteration(ctx: _Context, k: int, current: Path, parent: dict[str, Any],
+               masks: list[Path]) -> tuple[dict[str, Any], Path | None, Path | None]:
+    """Iteration ``k`` from ``current``: sparse training once, then cuts of ``compress.step_ratio``,
+    halved after each one whose finetuned model keeps less than ``compress.min_retention`` of
+    ``parent``'s mAP, until one is accepted or the step would fall below ``compress.min_step_ratio``.
+
+    Returns the iteration's dict (the accepted attempt's steps, or the last rejected one's, and
+    every attempt under ``attempts``), its checkpoint and its mask file (both None when rejected).
+    """
+    p = ctx.params
+    sparse = _sparse(ctx, k, current)
+    ratio: float | None = p.compress.step_ratio
+    attempts: list[dict[str, Any]] = []
+    while ratio is not None:
+        out = ctx.work_dir / f"iter_{k}" / (f"try_{len(attempts) + 1}" if attempts else "")
+        it, ckpt, mask = _attempt(ctx, out, current, sparse, ratio, masks)
+        record = it["steps"][it["final_step"]]
+        ok = accepted(record, parent, p.compress)
+        attempts.append({"ratio": it["ratio"], "landed": it["landed"], "map": record["map"],
+                         "gflops": record["gflops"], "retention": round(retention(record, parent), 6),
+                         "epochs": it["epochs"], "accepted": ok})
+        if ok:
+            break
+        ratio = smaller_step(ratio, p.compress)
+    it.update(iteration=k, attempts=attempts, accepted=attempts[-1]["accepted"],
+              epochs=p.sparse.epochs + it["epochs"],
+              epochs_spent=p.sparse.epochs + sum(a["epochs"] for a in attempts), gamma_histogram=sparse.extra.get("histogram", []),
+              sparse_control=sparse.extra.get("control", []))
+    return (it, ckpt, mask) if it["accepted"] else (it, None, None)
 
 
 def _final_retrain(ctx: _Context, best: int, ckpt: Path,
@@ -238,23 +228,64 @@ def _rewind_checkpoint(params: Params, baseline_ckpt: Path, rewind_ckpt: Path | 
     return path
 
 
+def _land_target(ctx: _Context) -> SizeTarget | None:
+    """The size targets as absolute ceilings for the prune step (None when landing is off)."""
+    p = ctx.params
+    if not (p.compress.land and size_targets(p.target)):
+        return None
+    gflops, params = spec_cost(load_checkpoint(ctx.baseline_ckpt).spec)  # at PROBE_PX
+    t = p.target
+    return SizeTarget(None if t.gflops_ratio is None else t.gflops_ratio * gflops,
+                      None if t.params_ratio is None else int(t.params_ratio * params), p.pad.multiple)
+
+
+def _run_iterations(ctx: _Context) -> tuple[list[dict[str, Any]], list[Path], list[Path], Decision]:
+    """Iterate until a target is met, no step is accepted, or ``compress.iterations`` are accepted."""
+    p = ctx.params
+    iterations: list[dict[str, Any]] = []
+    checkpoints, masks, parent = [ctx.baseline_ckpt], [], ctx.baseline
+    reason = "max_iterations"
+    while len(checkpoints) <= p.compress.iterations:
+        k = len(iterations) + 1
+        it, ckpt, mask = _iteration(ctx, k, checkpoints[-1], parent, masks)
+        iterations.append(it)
+        if ckpt is None:
+            reason = "cannot_compress" if len(checkpoints) == 1 else "step_floor"
+            break
+        checkpoints.append(ckpt)
+        masks.append(mask)
+        parent = it["steps"][it["final_step"]]
+        if target_reached(parent, ctx.baseline, p.target):
+            reason = "target_reached"
+            break
+    accepted_its = tuple(it["iteration"] for it in iterations if it["accepted"])
+    for it in iterations:
+        it["map_drop"] = round(map_drop(it["steps"][it["final_step"]], ctx.baseline), 6)
+    return iterations, checkpoints, masks, Decision(reason, accepted_its[-1] if accepted_its else 0, accepted_its)
+
+
 def run_loop(baseline_ckpt: Path, baseline_record: dict[str, Any], params: Params, data_root: Path,
              work_dir: Path, run_step: RunStep | None = None, rewind_ckpt: Path | None = None,
              progress: bool = False) -> LoopResult:
-    """Compress the baseline iteratively until a target is met, the tolerance is exceeded (the
-    offending iteration is rolled back) or ``compress.iterations`` have run; then, with
-    ``compress.final_retrain``, train the final iteration's model once more (its record is the
-    iteration's ``final_retrain`` step and the final record).
+    """Compress the baseline iteratively, then (``compress.final_retrain``) train the final
+    iteration's model once more (its record is the iteration's ``final_retrain`` step and the final record).
+
+    Each iteration sparse-trains the current model once, then cuts ``compress.step_ratio`` of its
+    channels (or, with ``compress.land``, just enough to meet the size targets when that is less),
+    pads and finetunes; a cut whose finetuned model keeps less than ``compress.min_retention`` of
+    its parent's mAP is retried with half the step, down to ``compress.min_step_ratio``. The loop
+    stops when the targets are met (``target_reached``), after ``compress.iterations`` accepted
+    iterations, or when no step is accepted (``step_floor``; ``cannot_compress`` at iteration 1,
+    when the baseline itself is the result).
 
     Args:
         baseline_ckpt: the trained baseline (iteration 0).
         baseline_record: its metrics; measured again when taken at another size than the loop's.
         params: all sections (reads train, eval, sparse, prune, pad, retrain, distill, compress, target).
         data_root: canonical dataset folder.
-        work_dir: every step writes under ``work_dir/iter_<k>/<step>`` (unless ``run_step`` moves it).
-        run_step: ``run_step(name, fn, kwargs) -> StepResult`` runs each step (names:
-            ``sparse_train``, ``prune``, ``pad``, ``retrain``, ``distill``, ``evaluate_baseline``,
-            ``final_retrain``);
+        work_dir: steps write under ``work_dir/iter_<k>[/try_<j>]/<step>`` (unless ``run_step`` moves it).
+        run_step: ``run_step(name, fn, kwargs) -> StepResult`` runs each step (``sparse_train``,
+            ``prune``, ``pad``, ``retrain``, ``distill``, ``evaluate_baseline``, ``final_retrain``);
             the default calls ``fn(**kwargs)``. It may replace ``kwargs["out_dir"]``.
         rewind_ckpt: the baseline's early checkpoint (default ``rewind.safetensors`` beside it).
         progress: progress bars during training.
@@ -265,24 +296,13 @@ def run_loop(baseline_ckpt: Path, baseline_record: dict[str, Any], params: Param
     ctx = _Context(params, Path(data_root), Path(work_dir), params.compress.imgsz or params.train.imgsz,
                    run_step or call_step, Path(baseline_ckpt), {},
                    _rewind_checkpoint(params, baseline_ckpt, rewind_ckpt), progress)
-    baseline = _reference(ctx, baseline_record)
-    ctx = replace(ctx, baseline=baseline)
-    iterations: list[dict[str, Any]] = []
-    checkpoints, masks = [ctx.baseline_ckpt], []
-    decision = decide([], baseline, params.compress, params.target)
-    while not decision.stop:
-        k = len(iterations) + 1
-        it, ckpt = _iteration(ctx, k, checkpoints[-1], masks)
-        iterations.append(it)
-        checkpoints.append(ckpt)
-        records = [i["steps"][i["final_step"]] for i in iterations]
-        decision = decide(records, baseline, params.compress, params.target)
-    for it in iterations:
-        it["accepted"] = it["iteration"] in decision.accepted
-        it["map_drop"] = round(map_drop(it["steps"][it["final_step"]], baseline), 6)
+    ctx = replace(ctx, baseline=_reference(ctx, baseline_record))
+    ctx = replace(ctx, land=_land_target(ctx))
+    iterations, checkpoints, masks, decision = _run_iterations(ctx)
     best = decision.best
-    final_record = baseline if best == 0 else iterations[best - 1]["steps"][iterations[best - 1]["final_step"]]
-    result = LoopResult(iterations, decision, baseline, checkpoints[best], final_record)
+    final_record = ctx.baseline if best == 0 else iterations[best - 1]["steps"][iterations[best - 1]["final_step"]]
+    result = LoopResult(iterations, decision, ctx.baseline, checkpoints[best], final_record,
+                        tolerance=params.compress.tolerance)
     retrained = _final_retrain(ctx, best, checkpoints[best], masks)
     if retrained is not None:
         step, info = retrained

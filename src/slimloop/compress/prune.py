@@ -10,6 +10,7 @@ from torch import Tensor
 
 from slimloop.checkpoint import load_model
 from slimloop.compress.groups import Topology, topology
+from slimloop.compress.land import SizeTarget, smallest_cut
 from slimloop.compress.steps import StepResult, surgery_step
 from slimloop.config import EvalParams, PruneParams
 from slimloop.model.build import Detector, conv_modules
@@ -59,16 +60,78 @@ def select_channels(
     return keep
 
 
+def filter_l1_scores(model: Detector, topo: Topology) -> dict[str, Tensor]:
+    """Per group, per channel: the largest mean |weight| of the members' conv filters (Li et al.'s
+    L1 criterion, as a mean so that layers of different fan-in compare)."""
+    convs = conv_modules(model)
+    scores = {}
+    for g, group in topo.groups.items():
+        norms = torch.stack([convs[m].conv.weight.detach().abs().float().mean((1, 2, 3)).cpu()
+                             for m in group.members])  # (members, width)
+        scores[g] = norms.amax(0)
+    return scores
+
+
+def random_scores(topo: Topology, seed: int) -> dict[str, Tensor]:
+    """Per group, per channel: a uniform random score (the control for any ranking)."""
+    gen = torch.Generator().manual_seed(seed)
+    return {g: torch.rand(group.width, generator=gen) for g, group in sorted(topo.groups.items())}
+
+
+def channel_scores(model: Detector, topo: Topology, criterion: str, seed: int = 0) -> dict[str, Tensor]:
+    """Scores that rank channels for pruning (lowest go first): ``gamma``, ``l1`` or ``random``."""
+    if criterion == "gamma":
+        return gamma_scores(model, topo)
+    if criterion == "l1":
+        return filter_l1_scores(model, topo)
+    return random_scores(topo, seed)
+
+
+def _land(model: Detector, topo: Topology, scores: dict[str, Tensor], ratio: float, min_channels: int,
+          target: SizeTarget | None) -> tuple[float, bool]:
+    """``ratio``, or the smaller ratio that just meets ``target`` when ``ratio`` would overshoot it."""
+    if target is None:
+        return ratio, False
+    total = sum(s.numel() for s in scores.values())
+    most = int(math.floor(ratio * total))
+    fewest = smallest_cut(model.spec, topo, scores, most, min_channels, target)
+    if fewest is None or fewest == most:
+        return ratio, False
+    return fewest / total, True
+
+
 def prune_step(ckpt: Path, data_root, prune: PruneParams, eval_params: EvalParams, out_dir: Path,
-               imgsz: int) -> StepResult:
-    """Select channels by global |gamma| (``prune.ratio`` or ``prune.threshold``), cut them, and
-    re-estimate the BN statistics on ``prune.recalibrate`` training images.
+               imgsz: int, ratio: float | None = None, land: SizeTarget | None = None, seed: int = 0) -> StepResult:
+    """Rank channels by ``prune.criterion``, cut the lowest ``ratio`` of them globally (or every one
+    with |gamma| below ``prune.threshold``), and re-estimate the BN statistics on
+    ``prune.recalibrate`` training images.
+
+    Args:
+        ratio: fraction of the model's channels to cut (ignored when ``prune.threshold`` is set).
+        land: when cutting ``ratio`` would take the padded structure past these size targets, cut
+            only as much as just meets them (bisection on the count; see :mod:`slimloop.compress.land`).
+        seed: the seed of the ``random`` criterion.
 
     Writes ``out_dir/prune.safetensors`` and ``out_dir/masks.safetensors`` (keep masks and scores
-    relative to ``ckpt``'s channel groups, for :func:`pad_step` and rewinding).
+    relative to ``ckpt``'s channel groups, for :func:`pad_step` and rewinding). The record has the
+    ratio cut, whether it landed on the target, and the fraction of cut channels whose |gamma| was
+    below 1e-2 (how much sparse training had already switched them off).
     """
     model = load_model(ckpt)
-    scores = gamma_scores(model, topology(model.spec))
-    keep = select_channels(scores, prune.ratio, prune.threshold, prune.min_channels)
+    topo = topology(model.spec)
+    scores = channel_scores(model, topo, prune.criterion, seed)
+    if prune.threshold is not None:
+        keep = select_channels(gamma_scores(model, topo), threshold=prune.threshold, min_channels=prune.min_channels)
+        ratio, landed = None, False
+    else:
+        if ratio is None:
+            raise ValueError("prune_step needs a ratio when prune.threshold is not set")
+        ratio, landed = _land(model, topo, scores, ratio, prune.min_channels, land)
+        keep = select_channels(scores, ratio, min_channels=prune.min_channels)
+    gammas = gamma_scores(model, topo)
+    cut = torch.cat([gammas[g][~keep[g]] for g in sorted(keep)])
+    fields = {"ratio": None if ratio is None else round(ratio, 6), "landed": landed,
+              "cut_channels": int(cut.numel()),
+              "cut_gamma_below_1e-2": round(float((cut < 1e-2).float().mean()), 6) if cut.numel() else None}
     return surgery_step(model, ckpt, keep, scores, "prune", prune, data_root, eval_params, out_dir, imgsz,
-                        prune.recalibrate)
+                        prune.recalibrate, **fields)

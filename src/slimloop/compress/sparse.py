@@ -35,16 +35,44 @@ def regularize_gammas(model: nn.Module, lam: float, skip: set[str] | None = None
 
 
 def sparse_lambda(sparse: SparseParams, progress: float) -> float:
-    """``lam`` at ``progress`` in [0, 1): constant, or decaying linearly / by cosine to
-    ``final_fraction * lam`` at the end of the run."""
+    """``lam`` at ``progress`` in [0, 1): constant; decaying linearly or by cosine to
+    ``low_fraction * lam`` at the end; or ``rising`` linearly from ``low_fraction * lam`` to ``lam``."""
     x = min(max(progress, 0.0), 1.0)
     if sparse.schedule == "linear":
         factor = 1 - x
     elif sparse.schedule == "cosine":
         factor = (1 + math.cos(math.pi * x)) / 2
+    elif sparse.schedule == "rising":
+        factor = x
     else:
         return sparse.lam
-    return sparse.lam * (sparse.final_fraction + (1 - sparse.final_fraction) * factor)
+    return sparse.lam * (sparse.low_fraction + (1 - sparse.low_fraction) * factor)
+
+
+def fraction_below(model: nn.Module, threshold: float) -> float:
+    """Fraction of all prunable BN |gamma| below ``threshold``."""
+    return float((gamma_values(model) < threshold).float().mean())
+
+
+class SparsityControl:
+    """The penalty's strength during one run: the schedule, times a scale that grows by
+    ``sparse.lam_growth`` after every epoch that ends with fewer than ``sparse.target_fraction`` of
+    the |gamma| below ``sparse.target_threshold`` (practical slimming: raise lam until enough
+    channels are switched off). Without a target the scale stays 1. ``rows`` log each epoch."""
+
+    def __init__(self, sparse: SparseParams):
+        self.sparse, self.scale, self.rows = sparse, 1.0, []
+
+    def lam(self, progress: float) -> float:
+        """The strength at ``progress`` in [0, 1)."""
+        return sparse_lambda(self.sparse, progress) * self.scale
+
+    def __call__(self, epoch: int, model: nn.Module, metrics: dict[str, float]) -> None:
+        s = self.sparse
+        below = fraction_below(model, s.target_threshold)
+        self.rows.append({"epoch": epoch + 1, "scale": self.scale, "below": round(below, 6)})
+        if s.target_fraction is not None and below < s.target_fraction:
+            self.scale *= s.lam_growth
 
 
 def gamma_values(model: nn.Module) -> Tensor:
@@ -88,14 +116,17 @@ class GammaHistogram:
         self.record(epoch + 1, model)
 
 
-def sparse_hooks(sparse: SparseParams, histogram: GammaHistogram | None = None) -> TrainHooks:
-    """Hooks that add ``lam(progress) * sign(gamma)`` to every BN gamma's gradient (and log it)."""
+def sparse_hooks(sparse: SparseParams, histogram: GammaHistogram | None = None,
+                 control: SparsityControl | None = None) -> TrainHooks:
+    """Hooks that add ``lam(progress) * sign(gamma)`` to every BN gamma's gradient (and log it);
+    ``control`` (made here when None) sets the strength and adapts it after each epoch."""
+    control = control or SparsityControl(sparse)
 
     def after_backward(model: nn.Module, progress: float) -> dict[str, float]:
-        lam = sparse_lambda(sparse, progress)
+        lam = control.lam(progress)
         return {"gamma_l1": regularize_gammas(model, lam), "lam": lam}
 
-    return TrainHooks(after_backward=after_backward, on_epoch_end=[histogram] if histogram else [])
+    return TrainHooks(after_backward=after_backward, on_epoch_end=[control] + ([histogram] if histogram else []))
 
 
 def sparse_train_step(ckpt: Path, data_root, sparse: SparseParams, train_params: TrainParams,
@@ -108,19 +139,27 @@ def sparse_train_step(ckpt: Path, data_root, sparse: SparseParams, train_params:
     already, and the warm-up's bias lr of 0.1 would jolt it.
 
     Returns:
-        ``extra``: ``histogram`` (the JSON rows) and ``history`` (per-epoch training rows).
+        The record has ``gamma_below_threshold`` (fraction of |gamma| below
+        ``sparse.target_threshold`` at the end) and ``lam_scale`` (the final strength factor);
+        ``extra``: ``histogram`` (the JSON rows), ``history`` (per-epoch training rows) and
+        ``control`` (per-epoch scale and fraction below the threshold).
     """
     out_dir, model = Path(out_dir), load_model(ckpt)
     histogram = GammaHistogram.from_model(model, path=out_dir / "gamma_hist.json")
     params = train_params.model_copy(
         update={"epochs": sparse.epochs, "lr0": sparse.lr0 or train_params.lr0, "warmup_epochs": 0.0})
-    result = train(model, data_root, params, eval_params, out_dir / "train", hooks=sparse_hooks(sparse, histogram),
-                   progress=progress, meta=step_meta("sparse", ckpt, sparse=sparse))
+    control = SparsityControl(sparse)
+    result = train(model, data_root, params, eval_params, out_dir / "train",
+                   hooks=sparse_hooks(sparse, histogram, control), progress=progress,
+                   meta=step_meta("sparse", ckpt, sparse=sparse))
     histogram.rows = [r for r in histogram.rows if r["epoch"] <= sparse.epochs]  # a longer old run's
     write_json_atomic(out_dir / "gamma_hist.json", histogram.rows)
     from slimloop.report.plots import draw_gamma_histograms
 
     draw_gamma_histograms(histogram.rows, out_dir / "gamma_hist.png")
-    record = measure_step(load_model(result.last), data_root, imgsz or params.imgsz, eval_params, "sparse",
-                          params.device, epochs=sparse.epochs)
-    return StepResult(result.last, record, {"histogram": histogram.rows, "history": result.history})
+    last = load_model(result.last)
+    below = round(fraction_below(last, sparse.target_threshold), 6)
+    record = measure_step(last, data_root, imgsz or params.imgsz, eval_params, "sparse", params.device,
+                          epochs=sparse.epochs, gamma_below_threshold=below, lam_scale=control.scale)
+    return StepResult(result.last, record, {"histogram": histogram.rows, "history": result.history,
+                                            "control": control.rows})

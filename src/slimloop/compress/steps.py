@@ -104,8 +104,9 @@ def apply_masks(model: nn.Module, mask_files: tuple[Path, ...] | list[Path]) -> 
 
 def surgery_step(model: nn.Module, ckpt: Path, keep: dict[str, Tensor], scores: dict[str, Tensor], step: str,
                  params: Any, data_root, eval_params: EvalParams, out_dir: Path, imgsz: int,
-                 recalibrate: int) -> StepResult:
-    """Cut ``model`` to ``keep``, re-estimate BN on ``recalibrate`` images, save checkpoint and masks, measure."""
+                 recalibrate: int, **fields: Any) -> StepResult:
+    """Cut ``model`` to ``keep``, re-estimate BN on ``recalibrate`` images, save checkpoint and masks,
+    measure; ``fields`` join the record."""
     out_dir = Path(out_dir)
     device = select_device()
     device = torch.device("cpu") if device.type == "mps" else device  # mps: on the CPU, like the surgery
@@ -116,5 +117,5 @@ def surgery_step(model: nn.Module, ckpt: Path, keep: dict[str, Tensor], scores: 
     masks = save_masks(out_dir / "masks.safetensors", keep, scores)
     fraction = kept_fraction(model.spec, out.spec)
     record = measure_step(out, data_root, imgsz, eval_params, step, kept_fraction=round(fraction, 6),
-                          recalibrated_images=recalibrate)
+                          recalibrated_images=recalibrate, **fields)
     return StepResult(path, record, {"masks": str(masks), "kept_fraction": fraction})

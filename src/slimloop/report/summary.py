@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from slimloop.compress.decide import REASONS
 from slimloop.config import EvalParams, ReportParams
 from slimloop.io import atomic_dir, write_text_atomic
 from slimloop.report.gallery import find_regressions, plot_gallery
@@ -27,15 +28,48 @@ GAMMA_DIR = "gamma"  # the per-iteration |gamma| histograms, in a folder of thei
 PLOTS = {"tradeoff.png": "Accuracy against cost", "pareto.png": "Pareto front (max mAP@0.5:0.95, min GFLOPs)",
          "channels.png": "Channels per layer", "imgsz_sweep.png": "Input-size sweep",
          "gallery.png": "Boxes the final model misses and the baseline finds"}
-REASONS = {
-    "target_reached": "every target in `target` was met",
-    "tolerance_exceeded": "an iteration lost more mAP@0.5:0.95 than `compress.tolerance` allows and was rolled back",
-    "max_iterations": "`compress.iterations` iterations ran",
-}
 
 
 def _negate(value: Any) -> Any:
     return None if is_missing(value) else -float(value)
+
+
+def _ratio(value: Any, base: Any) -> str:
+    return NA if is_missing(value) or is_missing(base) or not float(base) else f"{float(value) / float(base):.3f}x"
+
+
+def headline(final: dict[str, Any]) -> str:
+    """The report's first line: what the loop delivered against the baseline, or that it could not."""
+    rec, base = final["record"], final["baseline"]
+    if final.get("reason") == "cannot_compress" or int(final["final_iteration"]) == 0:
+        tries = final.get("first_attempts") or []
+        tried = "; ".join(f"ratio {a['ratio']:g} kept {100 * a['retention']:.0f}% (mAP@0.5:0.95 {a['map']:.3f})"
+                          for a in tries) or "no attempt recorded"
+        return (f"**The loop could not compress this model**: every cut of the first iteration lost too much "
+                f"after its finetune ({tried}; the baseline has {format_value(base.get('map'), '3')}, and a cut "
+                f"must keep `compress.min_retention` of it). The final model is the baseline, unchanged.")
+    met = final.get("tolerance_met")
+    verdict = ("" if met is None else f", within the tolerance of {final.get('tolerance'):g}" if met
+               else f", **more than the tolerance of {final.get('tolerance'):g} below it**")
+    return (f"**Final model: {_ratio(rec.get('gflops'), base.get('gflops'))} the baseline's GFLOPs, "
+            f"{_ratio(rec.get('params'), base.get('params'))} its parameters, mAP@0.5:0.95 "
+            f"{format_value(rec.get('map'), '3')} against {format_value(base.get('map'), '3')} "
+            f"({format_value(_negate(final.get('map_drop')), 'delta')}){verdict}.**")
+
+
+def iteration_text(iterations: list[dict[str, Any]]) -> str:
+    """One line per iteration: its cut (and retries), what the finetune kept, how sparse the cut was."""
+    lines = []
+    for it in iterations:
+        tries = it.get("attempts") or []
+        pruned = it["steps"].get("pruned") or {}
+        below = pruned.get("cut_gamma_below_1e-2")
+        how = ", ".join(f"{a['ratio']:.3g}{' (landed on the target)' if a.get('landed') else ''} -> "
+                        f"{100 * a['retention']:.0f}% {'accepted' if a['accepted'] else 'rejected'}" for a in tries)
+        sparse = ("" if below is None else
+                  f"; {100 * below:.0f}% of the cut channels had |gamma| below 1e-2 after sparse training")
+        lines.append(f"- iteration {it['iteration']}: cut {how or NA} of its parent's mAP@0.5:0.95{sparse}.")
+    return "\n".join(lines)
 
 
 def _stop_text(final: dict[str, Any], final_checkpoint: Path | None = None) -> str:
@@ -98,7 +132,9 @@ def summary_markdown(inputs: ReportInputs, rows: list[dict[str, Any]], table: st
     path it was copied from.
     """
     plots = "\n".join(f"### {title}\n\n![{name[:-4]}]({name})\n" for name, title in PLOTS.items())
-    return (f"# slimloop report\n\n{_stop_text(inputs.final, final_checkpoint)}\n\n{_measure_text(inputs, rows)}\n\n"
+    steps = iteration_text(inputs.iterations)
+    return (f"# slimloop report\n\n{headline(inputs.final)}\n\n{_stop_text(inputs.final, final_checkpoint)}\n\n"
+            f"{steps + chr(10) + chr(10) if steps else ''}{_measure_text(inputs, rows)}\n\n"
             f"## Comparison\n\n{table}\n{_control_text(inputs)}\n\n## Plots\n\n{plots}")
 
 
