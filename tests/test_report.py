@@ -282,7 +282,7 @@ def test_gamma_histograms_are_copied_and_shown(tmp_path):
 def test_final_model_is_named_by_its_out_then_its_store_path(tmp_path):
     inputs = load_inputs(write_metrics(tmp_path / "metrics"))
     text = summary_markdown(inputs, comparison_rows(inputs), "", final_checkpoint=Path("models/compressed/final.safetensors"))
-    first = text.splitlines()[2]
+    first = text.splitlines()[4]  # after the title and the headline
     assert first.startswith("The final model is **iteration")
     assert f"`models/compressed/final.safetensors` (a copy of `{inputs.final['checkpoint']}`)" in first
 
