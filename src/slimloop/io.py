@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
+
+from pydantic import BaseModel, ValidationError
 
 from slimloop.errors import ConfigError, OutputPathError
 
@@ -194,19 +197,96 @@ def _swap(tmp: Path, path: Path) -> None:
     os.replace(old, tmp)  # removed by the caller's finally, as a temporary of this process
 
 
-def read_stage_json(path: str | os.PathLike, stage: str) -> Any:
-    """A JSON file another pipeline stage writes; a missing one names the stage to run first.
+MAX_DEPTH = 100  # nesting levels accepted in a JSON or YAML file; slimloop's own files need fewer than 20
+
+
+def _constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number slimloop writes")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:20]} is out of range")
+    return value
+
+
+def _check_depth(obj: Any, source: str, error: type[Exception]) -> None:
+    """Refuse nesting deeper than :data:`MAX_DEPTH` (iteratively: the check itself cannot recurse)."""
+    stack = [(obj, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise error(f"{source}: nested deeper than {MAX_DEPTH} levels")
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+
+
+def parse_json(text: str | bytes, source: str, error: type[Exception] = ConfigError) -> Any:
+    """Parse JSON read back from a file that anyone could have written.
+
+    Deep nesting (which makes ``json.loads`` raise ``RecursionError``, and any later recursive walk
+    too), ``NaN``/``Infinity`` (slimloop never writes them), numbers out of range and malformed text
+    all raise ``error`` naming ``source``.
 
     Raises:
-        ConfigError: the file is missing, unreadable or not JSON.
+        error: the text is not JSON slimloop could have written.
+    """
+    try:
+        obj = json.loads(text, parse_constant=_constant, parse_float=_finite_float)
+    except json.JSONDecodeError as exc:
+        raise error(f"{source}:{exc.lineno}: not valid JSON: {exc.msg}") from None
+    except RecursionError:
+        raise error(f"{source}: nested deeper than {MAX_DEPTH} levels") from None
+    except ValueError as exc:  # bytes not UTF-8, NaN, 1e999, an integer of more than 4300 digits
+        raise error(f"{source}: not valid JSON: {exc}") from None
+    _check_depth(obj, source, error)
+    return obj
+
+
+def read_json_file(path: str | os.PathLike, what: str, error: type[Exception] = ConfigError) -> Any:
+    """The parsed JSON file ``path`` (see :func:`parse_json`); ``what`` names it when it cannot be read.
+
+    Raises:
+        error: the file is missing, unreadable, or not JSON slimloop could have written.
+    """
+    return parse_json(read_text_file(path, what, error), str(path), error)
+
+
+def read_stage_json(path: str | os.PathLike, stage: str, schema: type[BaseModel] | None = None) -> Any:
+    """A JSON file another pipeline stage writes; a missing one names the stage to run first.
+
+    Args:
+        path: the metrics file.
+        stage: the stage that writes it (named when the file is missing).
+        schema: a pydantic model the content must match (the keys and types the reader relies on).
+
+    Raises:
+        ConfigError: the file is missing, unreadable, not JSON, or does not match ``schema``
+            (naming the file and the key path).
     """
     path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        raise ConfigError(f"{path} does not exist: run the {stage} stage first (dvc repro {stage})")
+    obj = read_json_file(path, "metrics file")
+    if schema is not None:
+        check_schema(obj, schema, str(path), "metrics file")
+    return obj
+
+
+def check_schema(obj: Any, schema: type[BaseModel], source: str, what: str,
+                 error: type[Exception] = ConfigError) -> BaseModel:
+    """Validate ``obj`` (strictly: no string for a number, no bool for an int) as ``schema``.
+
+    Raises:
+        error: ``<source>: invalid <what>: <key.path>: <reason>`` for the first few mismatches.
+    """
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path} does not exist: run the {stage} stage first (dvc repro {stage})") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path}: unreadable metrics file: {exc}") from None
+        return schema.model_validate(obj, strict=True)
+    except ValidationError as exc:
+        lines = [f"{'.'.join(str(k)[:40] for k in e['loc']) or '<top>'}: {e['msg']}" for e in exc.errors()[:5]]
+        more = f" (and {exc.error_count() - 5} more)" if exc.error_count() > 5 else ""
+        raise error(f"{source}: invalid {what}: " + "; ".join(lines) + more) from None
 
 
 def read_text_file(path: str | os.PathLike, what: str, error: type[Exception] = ConfigError) -> str:
