@@ -170,6 +170,52 @@ def test_unwritable_checkpoint_is_a_checkpoint_error(checkpoint_file, tmp_path, 
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
 
 
+# ---- signatures: the SHA-256 is an integrity check anyone can recompute; the HMAC is not ---------
+
+
+def _forge(path: Path, **changes: str) -> None:
+    """Change metadata of ``path`` and recompute its SHA-256, as anyone can (the signature is kept)."""
+    import json
+
+    from slimloop.checkpoint import DIGEST_KEY, _digest
+
+    data = path.read_bytes()
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])
+    meta = {**header["__metadata__"], **changes}
+    meta[DIGEST_KEY] = _digest(meta, data)
+    header["__metadata__"] = meta
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + header_len :])
+
+
+def test_signed_checkpoints_refuse_unsigned_forged_and_foreign_files(checkpoint_file, tmp_path, monkeypatch):
+    from slimloop.checkpoint import SIGNATURE_KEY, SIGNING_ENV, _read_header
+
+    model = load_model(checkpoint_file)
+    unsigned = save_checkpoint(tmp_path / "unsigned.safetensors", model, {"epoch": 1})
+    monkeypatch.setenv(SIGNING_ENV, "alice's key")
+    signed = save_checkpoint(tmp_path / "signed.safetensors", model, {"epoch": 1})
+    assert SIGNATURE_KEY in _read_header(signed)[1] and load_checkpoint(signed).meta == {"epoch": 1}
+    with pytest.raises(CheckpointError, match=rf"unsigned\.safetensors: not signed, and {SIGNING_ENV} is set"):
+        load_model(unsigned)
+    _forge(signed, meta='{"epoch": 99}')  # a consistent SHA-256, a stale signature
+    with pytest.raises(CheckpointError, match=r"signed\.safetensors: wrong signature"):
+        load_checkpoint(signed)
+    monkeypatch.delenv(SIGNING_ENV)
+    assert load_checkpoint(signed).meta == {"epoch": 99}  # without a key the forgery passes: SHA-256 is no signature
+    monkeypatch.setenv(SIGNING_ENV, "alice's key")
+    bob = save_checkpoint(tmp_path / "bob.safetensors", model)
+    monkeypatch.setenv(SIGNING_ENV, "mallory's key")
+    with pytest.raises(CheckpointError, match=r"bob\.safetensors: wrong signature: written with another"):
+        load_model(bob)
+    save_state(tmp_path / "s.safetensors", {"epoch": 1, "w": torch.ones(3)})  # states are signed too
+    monkeypatch.setenv(SIGNING_ENV, "alice's key")
+    with pytest.raises(CheckpointError, match="wrong signature"):
+        load_state(tmp_path / "s.safetensors")
+
+
 class Evil:
     """Unpickling this runs a shell command that creates ``marker``."""
 

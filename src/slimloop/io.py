@@ -211,37 +211,54 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _check_depth(obj: Any, source: str, error: type[Exception]) -> None:
+class JSONTextError(ValueError):
+    """Text that is not JSON slimloop could have written; ``line`` is 1-based where known."""
+
+    def __init__(self, message: str, line: int | None = None):
+        super().__init__(message)
+        self.message, self.line = message, line
+
+
+def _check_depth(obj: Any) -> None:
     """Refuse nesting deeper than :data:`MAX_DEPTH` (iteratively: the check itself cannot recurse)."""
     stack = [(obj, 1)]
     while stack:
         node, depth = stack.pop()
         if depth > MAX_DEPTH:
-            raise error(f"{source}: nested deeper than {MAX_DEPTH} levels")
+            raise JSONTextError(f"nested deeper than {MAX_DEPTH} levels")
         children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
         stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
 
 
-def parse_json(text: str | bytes, source: str, error: type[Exception] = ConfigError) -> Any:
+def load_json_text(text: str | bytes) -> Any:
     """Parse JSON read back from a file that anyone could have written.
 
     Deep nesting (which makes ``json.loads`` raise ``RecursionError``, and any later recursive walk
     too), ``NaN``/``Infinity`` (slimloop never writes them), numbers out of range and malformed text
-    all raise ``error`` naming ``source``.
+    are all refused.
 
     Raises:
-        error: the text is not JSON slimloop could have written.
+        JSONTextError: with the line where known.
     """
     try:
         obj = json.loads(text, parse_constant=_constant, parse_float=_finite_float)
     except json.JSONDecodeError as exc:
-        raise error(f"{source}:{exc.lineno}: not valid JSON: {exc.msg}") from None
+        raise JSONTextError(f"not valid JSON: {exc.msg}", exc.lineno) from None
     except RecursionError:
-        raise error(f"{source}: nested deeper than {MAX_DEPTH} levels") from None
+        raise JSONTextError(f"nested deeper than {MAX_DEPTH} levels") from None
     except ValueError as exc:  # bytes not UTF-8, NaN, 1e999, an integer of more than 4300 digits
-        raise error(f"{source}: not valid JSON: {exc}") from None
-    _check_depth(obj, source, error)
+        raise JSONTextError(f"not valid JSON: {exc}") from None
+    _check_depth(obj)
     return obj
+
+
+def parse_json(text: str | bytes, source: str, error: type[Exception] = ConfigError) -> Any:
+    """:func:`load_json_text`, failures raised as ``error``: ``<source>[:<line>]: <problem>``."""
+    try:
+        return load_json_text(text)
+    except JSONTextError as exc:
+        where = f"{source}:{exc.line}" if exc.line else source
+        raise error(f"{where}: {exc.message}") from None
 
 
 def read_json_file(path: str | os.PathLike, what: str, error: type[Exception] = ConfigError) -> Any:
