@@ -24,6 +24,32 @@ def test_repo_params_are_valid(name):
     assert params.train.imgsz % 32 == 0
 
 
+def _leaves(tree: dict, prefix: str = "") -> dict[str, object]:
+    """``section.key.subkey -> value`` for every leaf of a nested dict."""
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_built_in_defaults_are_the_committed_params_yaml():
+    """One source of truth: every key of params.yaml equals the pydantic default, and every default
+    is written in params.yaml (the optional data.yolo / data.coco sources excepted: null by default)."""
+    from slimloop.config import params_to_dict
+
+    defaults = _leaves(params_to_dict(Params()))
+    written = _leaves(params_to_dict(load_params(ROOT / "params.yaml")))
+    raw = _leaves(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    optional = {k for k, v in defaults.items() if v is None and k in ("data.yolo", "data.coco")}
+    assert set(raw) == set(defaults) - optional, "keys in params.yaml and in config.py differ"
+    differ = {k: (written[k], defaults[k]) for k in defaults if written[k] != defaults[k]}
+    assert differ == {}, f"params.yaml value vs default: {differ}"
+    assert len(defaults) > 90  # every key compared, not a few
+
+
 @pytest.mark.parametrize(
     ("section", "key", "value", "expected"),
     [

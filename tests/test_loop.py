@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import TINY_EVAL, tiny_train_params
+from conftest import NO_FINAL, NO_TARGET, TINY_EVAL, TRAIN_LR, tiny_train_params
 from slimloop.checkpoint import load_checkpoint, save_checkpoint
 from slimloop.compress.control import control_spec, fit_width, train_control
 from slimloop.compress.loop import decide, loop_prune_params, run_loop
@@ -42,38 +42,38 @@ def rec(map_, gflops_, params=None, latency=None):
 
 def test_tolerance_exceeded_rolls_back_to_previous():
     records = [rec(0.50, 8.0), rec(0.495, 6.0), rec(0.47, 4.0)]
-    d = decide(records, BASE, CompressParams(iterations=5, tolerance=0.01), TargetParams())
+    d = decide(records, BASE, CompressParams(iterations=5, tolerance=0.01), NO_TARGET)
     assert (d.stop, d.reason, d.best, d.accepted) == (True, "tolerance_exceeded", 2, (1, 2))
 
 
 def test_tolerance_exceeded_at_first_iteration_keeps_baseline():
-    d = decide([rec(0.30, 8.0)], BASE, CompressParams(tolerance=0.01), TargetParams())
+    d = decide([rec(0.30, 8.0)], BASE, CompressParams(iterations=3, tolerance=0.01), NO_TARGET)
     assert (d.stop, d.reason, d.best, d.accepted) == (True, "tolerance_exceeded", 0, ())
 
 
 def test_drop_equal_to_tolerance_is_inside():
-    d = decide([rec(0.49, 8.0)], BASE, CompressParams(iterations=3, tolerance=0.01), TargetParams())
+    d = decide([rec(0.49, 8.0)], BASE, CompressParams(iterations=3, tolerance=0.01), NO_TARGET)
     assert not d.stop and d.best == 1 and d.reason is None
 
 
 def test_target_reached_needs_every_target_given():
     records = [rec(0.50, 7.0, latency=30.0), rec(0.50, 4.0, latency=15.0)]
-    both = TargetParams(gflops_ratio=0.75, latency_ms=18.0)
+    both = TargetParams(gflops_ratio=0.75, params_ratio=None, latency_ms=18.0)
     d = decide(records, BASE, CompressParams(iterations=5), both)
     assert (d.stop, d.reason, d.best) == (True, "target_reached", 2)
     d1 = decide(records[:1], BASE, CompressParams(iterations=5), both)  # gflops met, latency not
     assert not d1.stop
-    params_only = decide(records, BASE, CompressParams(iterations=5), TargetParams(params_ratio=0.7))
+    params_only = decide(records, BASE, CompressParams(iterations=5), TargetParams(gflops_ratio=None, params_ratio=0.7))
     assert (params_only.reason, params_only.best) == ("target_reached", 1)  # 700 <= 0.7 * 1000
 
 
 def test_max_iterations_and_best_is_fewest_gflops_inside_tolerance():
     records = [rec(0.50, 8.0), rec(0.52, 9.0), rec(0.499, 7.5)]  # iteration 2 grew (padding)
-    d = decide(records, BASE, CompressParams(iterations=3, tolerance=0.01), TargetParams())
+    d = decide(records, BASE, CompressParams(iterations=3, tolerance=0.01), NO_TARGET)
     assert (d.stop, d.reason, d.best, d.accepted) == (True, "max_iterations", 3, (1, 2, 3))
-    running = decide(records[:2], BASE, CompressParams(iterations=3), TargetParams())
+    running = decide(records[:2], BASE, CompressParams(iterations=3), NO_TARGET)
     assert (running.stop, running.best) == (False, 1)
-    tie = decide([rec(0.49, 8.0), rec(0.50, 8.0)], BASE, CompressParams(iterations=2), TargetParams())
+    tie = decide([rec(0.49, 8.0), rec(0.50, 8.0)], BASE, CompressParams(iterations=2), NO_TARGET)
     assert tie.best == 2  # same GFLOPs: the better mAP
 
 
@@ -110,9 +110,10 @@ def baseline(tiny_data, tiny_spec, tmp_path_factory):
 
 
 def _params(**sections):
-    base = dict(train=tiny_train_params(epochs=1), eval=TINY_EVAL, sparse=SparseParams(epochs=1, lam=1e-3),
-                prune=PruneParams(ratio=0.3, min_channels=2), retrain=RetrainParams(epochs=1),
-                distill=DistillParams(mode="off", epochs=1), compress=CompressParams(iterations=3))
+    base = dict(train=tiny_train_params(epochs=1), eval=TINY_EVAL, sparse=SparseParams(epochs=1, lam=1e-3, lr0=None),
+                prune=PruneParams(ratio=0.3, min_channels=2), retrain=RetrainParams(epochs=1, **TRAIN_LR),
+                distill=DistillParams(mode="off", epochs=1), compress=CompressParams(iterations=3, **NO_FINAL),
+                target=NO_TARGET)
     return Params(**{**base, **sections})
 
 
@@ -134,7 +135,7 @@ def test_loop_rolls_back_when_first_iteration_exceeds_tolerance(baseline, tiny_d
     base_gflops = gflops(build_model(load_checkpoint(baseline).spec), 128)
     reference = {**rec(1.0, base_gflops), "imgsz": 128}
     retrain = RetrainParams(mode="scratch", epochs=2, scratch_budget=True, budget_cap=3.0)
-    params = _params(retrain=retrain, compress=CompressParams(iterations=3, tolerance=0.01, final_retrain="scratch"))
+    params = _params(retrain=retrain, compress=CompressParams(iterations=3, tolerance=0.01, **{**NO_FINAL, "final_retrain": "scratch"}))
     result = run_loop(baseline, reference, params, tiny_data, tmp_path, run_step=run_step)
     assert calls == ["sparse_train", "prune", "pad", "retrain"]  # no final retraining of the baseline
     assert (result.decision.reason, result.decision.best) == ("tolerance_exceeded", 0)
@@ -161,7 +162,7 @@ def test_loop_stops_at_target_with_rewind_and_joint_distillation(baseline, tiny_
     base_gflops = gflops(build_model(load_checkpoint(baseline).spec), 128)
     reference = {**rec(0.0, base_gflops), "imgsz": 128}
     params = _params(retrain=RetrainParams(mode="rewind", epochs=1, rewind_epoch=1),
-                     distill=DistillParams(mode="joint", epochs=1), target=TargetParams(gflops_ratio=1.0))
+                     distill=DistillParams(mode="joint", epochs=1), target=TargetParams(gflops_ratio=1.0, params_ratio=None))
     result = run_loop(baseline, reference, params, tiny_data, tmp_path)
     assert (result.decision.reason, result.decision.best) == ("target_reached", 1)
     (it,) = result.iterations
