@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -60,6 +61,7 @@ def _check_imgsz(value: int) -> int:
 
 
 ImgSize = Annotated[int, Field(ge=STRIDE, le=4096), AfterValidator(_check_imgsz)]
+UserPath = Annotated[str, AfterValidator(os.path.expanduser)]  # a path the user writes: ~ is their home
 
 
 class SyntheticParams(StrictModel):
@@ -73,7 +75,7 @@ class SyntheticParams(StrictModel):
     min_size: float = Field(0.15, gt=0, lt=1, description="smallest code, fraction of image side")
     max_size: float = Field(0.6, gt=0, le=1, description="largest code, fraction of image side")
     distractors: int = Field(1, ge=0, description="unlabelled distractors per image, at most")
-    backgrounds_dir: str | None = Field(None, description="folder of your own background images")
+    backgrounds_dir: UserPath | None = Field(None, description="folder of your own background images")
 
     @model_validator(mode="after")
     def _sizes(self) -> SyntheticParams:
@@ -85,18 +87,18 @@ class SyntheticParams(StrictModel):
 class YoloSource(StrictModel):
     """An ultralytics-style dataset: a data.yaml with train/val (folders or list files) and names."""
 
-    data_yaml: str
+    data_yaml: UserPath
 
 
 class CocoSource(StrictModel):
     """A COCO JSON dataset: one annotation file and one image folder per split."""
 
-    train_json: str
-    train_images: str
-    val_json: str
-    val_images: str
-    test_json: str | None = None
-    test_images: str | None = None
+    train_json: UserPath
+    train_images: UserPath
+    val_json: UserPath
+    val_images: UserPath
+    test_json: UserPath | None = None
+    test_images: UserPath | None = None
 
 
 class DataParams(StrictModel):
@@ -106,6 +108,9 @@ class DataParams(StrictModel):
     seed: int = 0
     out_dir: str = "data/prepared"
     skip_invalid: bool = False
+    allow_val_equals_train: bool = Field(
+        False, description="accept a val split of exactly the train images (else an error: val mAP would "
+                           "measure memorization)")
     synthetic: SyntheticParams = SyntheticParams()
     yolo: YoloSource | None = None
     coco: CocoSource | None = None
