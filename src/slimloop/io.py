@@ -132,6 +132,24 @@ def _make_parent(path: Path) -> None:
         raise OutputPathError(f"{path}: cannot create it: permission denied in {path.parent}") from None
 
 
+def make_dir(path: str | os.PathLike) -> Path:
+    """Create the folder ``path`` (and its parents) unless it exists; return it.
+
+    Raises:
+        OutputPathError: it, or a part of it, is a file; or a parent is read-only.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise OutputPathError(f"{path}: cannot create the folder: it, or a part of it, is a file") from None
+    except PermissionError:
+        raise OutputPathError(f"{path}: cannot create the folder: permission denied") from None
+    except OSError as exc:  # a read-only file system, a full disk
+        raise OutputPathError(f"{path}: cannot create the folder: {exc.strerror}") from None
+    return path
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

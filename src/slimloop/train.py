@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from slimloop.checkpoint import load_state, load_state_strict, save_checkpoint, save_state
 from slimloop.config import EvalParams, TrainParams, params_to_dict
-from slimloop.errors import CheckpointError, TrainingError
+from slimloop.errors import CheckpointError, OutputPathError, TrainingError
+from slimloop.io import make_dir
 from slimloop.optim import ModelEMA, build_optimizer, set_lr
 from slimloop.resume import check_resumable, check_state
 
@@ -308,7 +309,9 @@ def train(
     """
     hooks = hooks or TrainHooks()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(out_dir)
+    if (out_dir / "live").exists() and not (out_dir / "live").is_dir():
+        raise OutputPathError(f"{out_dir / 'live'}: is a file; the training log (dvclive) needs a folder there")
     identity = run_identity(model, data_root)  # before _Run touches the model
     run = _Run(model, data_root, params, eval_params, out_dir, hooks, progress)
     fingerprint = params_fingerprint(params, {"meta": meta or {}, **identity})

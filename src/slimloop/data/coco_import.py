@@ -231,7 +231,9 @@ def _load_json(path: Path) -> tuple[Any, list[Problem]]:
         return None, [Problem(str(path), None, "annotation file not found")]
     except json.JSONDecodeError as exc:
         return None, [Problem(str(path), exc.lineno, f"not valid JSON: {exc.msg}")]
-    except (OSError, UnicodeDecodeError, RecursionError) as exc:
+    except RecursionError:
+        return None, [Problem(str(path), None, "cannot read annotation file: nested too deeply")]
+    except (OSError, ValueError) as exc:  # not UTF-8; an integer of more than 4300 digits
         return None, [Problem(str(path), None, f"cannot read annotation file: {exc}")]
 
 

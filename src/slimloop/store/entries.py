@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from slimloop.errors import ConfigError
-from slimloop.io import check_schema, read_json_file, write_json_atomic
+from slimloop.io import check_schema, make_dir, read_json_file, write_json_atomic, write_text_atomic
 from slimloop.records import StepManifest
 
 ENV_STORE = "SLIMLOOP_CACHE"
@@ -60,8 +60,8 @@ def open_store(root: Path | None = None) -> Path:
         raise ConfigError(f"{ENV_STORE}={root}: this folder is not a slimloop step store (it holds "
                           f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''} and no {STORE_MARKER}); "
                           "point it at an empty or new folder")
-    root.mkdir(parents=True, exist_ok=True)
-    (root / STORE_MARKER).write_text("slimloop step store: python -m flows.store size | prune\n", encoding="utf-8")
+    make_dir(root)
+    write_text_atomic(root / STORE_MARKER, "slimloop step store: python -m flows.store size | prune\n")
     return root
 
 
