@@ -15,6 +15,7 @@ from prefect.transactions import get_transaction
 from flows.common import base_parser, run_entry
 from slimloop.config import Params, load_params
 from slimloop.io import atomic_dir, read_stage_json, write_json_atomic, write_text_atomic
+from slimloop.records import Baseline
 from slimloop.store.entries import (
     files_present,
     open_store,
@@ -148,7 +149,7 @@ def compress_flow(params: Params, baseline_dir: Path = BASELINE, out_dir: Path =
     from slimloop.compress.loop import run_loop
 
     runners = {"prefect": prefect_run_step, "store": local_run_step, "direct": None}
-    record = read_stage_json(metrics_dir / "baseline.json", "baseline")
+    record = read_stage_json(metrics_dir / "baseline.json", "baseline", Baseline)
     open_store()
     result = run_loop(baseline_dir / "best.safetensors", record, params, Path(params.data.out_dir),
                       store_dir() / "work", run_step=runners[steps],

@@ -10,6 +10,7 @@ from prefect import flow
 from flows.common import base_parser, run_entry
 from slimloop.config import Params, load_params
 from slimloop.io import read_stage_json, write_json_atomic
+from slimloop.records import ControlTarget
 
 BASELINE = Path("models/baseline")
 OUT = Path("models/control")
@@ -34,7 +35,7 @@ def control_flow(params: Params, baseline_dir: Path = BASELINE, out_dir: Path = 
         record = {"enabled": False}
         write_json_atomic(metrics, record)
         return record
-    final = read_stage_json(metrics_dir / "final.json", "compress")
+    final = read_stage_json(metrics_dir / "final.json", "compress", ControlTarget)
     target = float(final["record"]["gflops"])
     imgsz = int(final["record"].get("imgsz") or params.compress.imgsz or params.train.imgsz)
     record = train_control(baseline_dir / "best.safetensors", target, imgsz, params, control_epochs(params, final),

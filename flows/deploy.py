@@ -18,6 +18,7 @@ from pydantic import ValidationError, field_validator
 
 from flows.common import run_entry
 from slimloop.errors import SlimloopError
+from slimloop.io import make_dir
 from slimloop.nightly import (
     DeployStep,
     NightlyConfig,
@@ -126,7 +127,7 @@ def publish_report(publish: PublishConfig, workdir: str) -> str | None:
         return None
     dest = root / publish.copy_to / f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
     for name in set(publish.files) - set(missing):
-        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        make_dir((dest / name).parent)
         shutil.copy2(root / name, dest / name)
     return str(dest)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from prefect import flow
@@ -26,6 +27,9 @@ def prepare_flow(
     stats = dataset_stats(data.out_dir)
     stats["source"] = data.source
     stats["skipped"] = summary.get("skipped", 0)
+    stats["dropped"] = summary.get("dropped", 0)
+    stats["invalid_report"] = summary.get("report")
+    stats["warnings"] = summary.get("warnings", [])
     write_json_atomic(metrics, stats)
     plot_samples(data.out_dir, "train", plots / "samples.png", seed=data.seed)
     plot_box_sizes(data.out_dir, plots / "box_sizes.png")
@@ -39,8 +43,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     params = load_params(args.params)
     stats = prepare_flow.fn(params.data, progress=not args.quiet, metrics=args.metrics, plots=args.plots)
+    for w in stats["warnings"]:
+        where = w["file"] if w["line"] is None else f"{w['file']}:{w['line']}"
+        print(f"warning: {where}: {w['message']}", file=sys.stderr)
     counts = ", ".join(f"{s}: {v['images']} images / {v['boxes']} boxes" for s, v in stats["splits"].items())
     print(f"prepared {params.data.out_dir} ({counts}); stats in {args.metrics}")
+    if stats["skipped"] or stats["dropped"]:
+        print(f"skipped {stats['skipped']} invalid image(s) and {stats['dropped']} record(s) that belong to no "
+              f"image (data.skip_invalid: true); each is listed with its problems in {stats['invalid_report']}")
+    if stats["warnings"]:
+        print(f"{len(stats['warnings'])} warning(s) above, also in {args.metrics} (warnings)")
     return 0
 
 

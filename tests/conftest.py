@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from slimloop.config import AugmentParams, DataParams, EvalParams, SyntheticParams, TrainParams
+from slimloop.config import (
+    AugmentParams,
+    DataParams,
+    EvalParams,
+    SyntheticParams,
+    TargetParams,
+    TrainParams,
+)
 
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -74,6 +81,11 @@ def tiny_train_params(**overrides) -> TrainParams:
 
 
 TINY_EVAL = EvalParams(latency_runs=3, latency_warmup=1, imgsz_sweep=[128, 96])
+# The built-in defaults are the demo's params.yaml values; tests that build sections from defaults
+# turn off what the demo turns on and they do not want:
+NO_TARGET = TargetParams(gflops_ratio=None, params_ratio=None)  # no stop on reaching a target
+NO_FINAL = {"final_retrain": "off", "final_epochs": None, "final_lr0": None}  # no training after the loop
+TRAIN_LR = {"lr0": None, "warmup_epochs": None}  # retrain with train's lr and warm-up
 
 
 def randomize_bn(model):

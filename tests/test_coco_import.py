@@ -184,3 +184,31 @@ def test_test_split_and_relative_paths(tmp_path):
     half = CocoSource(**{**rel.model_dump(), "test_images": None})
     with pytest.raises(DataError, match="test_json and test_images must be given together"):
         import_coco(half, tmp_path, tmp_path / "out2")
+
+
+def test_split_without_annotations_key_is_an_error_and_an_empty_list_a_warning(tmp_path):
+    """No ``annotations`` key at all (COCO's image_info files have none) would import every image as
+    background: an error. ``"annotations": []`` says so on purpose: imported, with a warning."""
+    no_key = {k: v for k, v in coco(2).items() if k != "annotations"}
+    src = source(tmp_path / "a", no_key)
+    assert problems_of(src, tmp_path / "out") == [Problem(src.train_json, None, (
+        'no annotations key: every image would import as background; write "annotations": [] if no image has '
+        "any object"))]
+    src = source(tmp_path / "b", {**no_key, "annotations": []})
+    summary = import_coco(src, "/", tmp_path / "out")
+    assert summary["warnings"] == [{"file": src.train_json, "line": None,
+                                    "message": "annotations is empty: all 2 images import as background"}]
+    assert json.loads((tmp_path / "out" / "invalid.json").read_text())["warnings"] == summary["warnings"]
+
+
+def test_val_that_is_train_is_refused_unless_allowed(tmp_path):
+    train_json, train_images = write_split(tmp_path / "src", "train", coco(2))
+    same = CocoSource(train_json=str(train_json), train_images=str(train_images), val_json=str(train_json),
+                      val_images=str(train_images))
+    (problem,) = problems_of(same, tmp_path / "out")
+    assert problem.file == str(train_json) and "val is the same 2 images as train" in problem.message
+    assert "data.allow_val_equals_train: true" in problem.message
+    summary = import_coco(same, "/", tmp_path / "out", allow_val_equals_train=True)
+    assert [w["message"] for w in summary["warnings"]] == [
+        "val is the same 2 images as train: validation mAP would measure memorization, not detection of new "
+        "images (data.allow_val_equals_train is true)"]

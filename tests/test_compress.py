@@ -228,7 +228,7 @@ def chain(tiny_data, tiny_spec, tmp_path_factory):
     root = tmp_path_factory.mktemp("chain")
     base = save_checkpoint(root / "base.safetensors", _model(tiny_spec))
     train_params = tiny_train_params(epochs=1)
-    sp = sparse_train_step(base, tiny_data, SparseParams(epochs=1, lam=1e-3), train_params, TINY_EVAL,
+    sp = sparse_train_step(base, tiny_data, SparseParams(epochs=1, lam=1e-3, lr0=None), train_params, TINY_EVAL,
                            root / "sparse", imgsz=128)
     pr = prune_step(sp.checkpoint, tiny_data, PruneParams(min_channels=2), TINY_EVAL,
                     root / "prune", imgsz=128, ratio=0.4)

@@ -24,6 +24,32 @@ def test_repo_params_are_valid(name):
     assert params.train.imgsz % 32 == 0
 
 
+def _leaves(tree: dict, prefix: str = "") -> dict[str, object]:
+    """``section.key.subkey -> value`` for every leaf of a nested dict."""
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_built_in_defaults_are_the_committed_params_yaml():
+    """One source of truth: every key of params.yaml equals the pydantic default, and every default
+    is written in params.yaml (the optional data.yolo / data.coco sources excepted: null by default)."""
+    from slimloop.config import params_to_dict
+
+    defaults = _leaves(params_to_dict(Params()))
+    written = _leaves(params_to_dict(load_params(ROOT / "params.yaml")))
+    raw = _leaves(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    optional = {k for k, v in defaults.items() if v is None and k in ("data.yolo", "data.coco")}
+    assert set(raw) == set(defaults) - optional, "keys in params.yaml and in config.py differ"
+    differ = {k: (written[k], defaults[k]) for k in defaults if written[k] != defaults[k]}
+    assert differ == {}, f"params.yaml value vs default: {differ}"
+    assert len(defaults) > 90  # every key compared, not a few
+
+
 @pytest.mark.parametrize(
     ("section", "key", "value", "expected"),
     [
@@ -80,10 +106,47 @@ def test_missing_and_non_mapping_files(tmp_path):
         load_params(broken)
 
 
-def test_empty_file_gives_defaults(tmp_path):
+@pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n# and another\n", "---\n", "~\n"])
+def test_empty_or_comments_only_file_is_refused(tmp_path, text):
+    """An empty params file would run on built-in values nobody chose: refused, naming the file."""
     path = tmp_path / "p.yaml"
-    path.write_text("")
-    assert load_params(path) == Params()
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"{path}: the params file is empty \(or only comments\)"):
+        load_params(path)
+
+
+def test_duplicate_key_names_both_lines(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  epochs: 3\n  imgsz: 128\n  epochs: 5\n")
+    with pytest.raises(ConfigError, match=rf"{path}:4: not valid YAML: duplicate key 'epochs' "
+                                          r"\(first at line 2, again at line 4\)"):
+        load_params(path)
+    path.write_text("train: {epochs: 3}\ntrain: {epochs: 4}\n")  # a whole section twice
+    with pytest.raises(ConfigError, match=r"duplicate key 'train' \(first at line 1, again at line 2\)"):
+        load_params(path)
+    from slimloop.yamlfile import parse_yaml
+
+    # a merge key may still override what it brings in
+    assert parse_yaml("a: &b {x: 1, y: 2}\nc:\n  <<: *b\n  x: 3\n") == {"a": {"x": 1, "y": 2}, "c": {"x": 3, "y": 2}}
+
+
+def test_yaml_syntax_error_is_file_and_line(tmp_path):
+    path = tmp_path / "params.yaml"
+    lines = ["train:", "  epochs: 3", "  imgsz: 128", "eval:", "  conf_thres: 0.001", "  nms_iou 0.6", "  max_det: 3"]
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError) as err:
+        load_params(path)
+    message = str(err.value)
+    assert message == (f"{path}:7: not valid YAML: could not find expected ':' "
+                       "(while scanning a simple key at line 6)"), message
+    assert "<unicode string>" not in message
+
+
+def test_deep_nesting_is_a_config_error(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train: " + "[" * 50000 + "]" * 50000 + "\n")
+    with pytest.raises(ConfigError, match=rf"{path}:1: not valid YAML: nested deeper than 100 levels"):
+        load_params(path)
 
 
 def test_bare_off_is_the_off_choice_and_not_a_bool(tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY_EVAL, tiny_train_params
+from conftest import NO_FINAL, NO_TARGET, TINY_EVAL, TRAIN_LR, tiny_train_params
 from slimloop.config import (
     CompressParams,
     DataParams,
@@ -67,10 +67,11 @@ def project(tmp_path, tiny_data, tiny_spec, monkeypatch):
         data=DataParams(out_dir=str(tiny_data)),
         train=tiny_train_params(epochs=2),
         eval=TINY_EVAL,
-        sparse=SparseParams(epochs=1, lam=1e-3),
-        retrain=RetrainParams(epochs=1),
+        sparse=SparseParams(epochs=1, lam=1e-3, lr0=None),
+        retrain=RetrainParams(epochs=1, **TRAIN_LR),
         distill=DistillParams(mode="separate", epochs=1),
-        compress=CompressParams(iterations=1, step_ratio=0.3, min_retention=0.0, tolerance=1.0),
+        compress=CompressParams(iterations=1, step_ratio=0.3, min_retention=0.0, tolerance=1.0, **NO_FINAL),
+        target=NO_TARGET,
     )
     seed_everything(0)
     result = train(build_model(tiny_spec), tiny_data, params.train, params.eval, tmp_path / "models/baseline",

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from slimloop.data.coco_import import coco_to_split
-from slimloop.data.yolo import parse_label_bytes, parse_label_text
+from slimloop.data.yolo_labels import parse_label_bytes, parse_label_text
 from slimloop.errors import Problem, SlimloopError
 
 SOURCE = "labels/x.txt"

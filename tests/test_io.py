@@ -46,3 +46,28 @@ def test_atomic_dir_swaps_and_rolls_back(tmp_path):
         (tmp / "c.txt").write_text("3")
     assert sorted(p.name for p in out.iterdir()) == [OUTPUT_MARKER, "c.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def test_make_dir_names_a_file_in_the_way_and_a_read_only_parent(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from slimloop.errors import OutputPathError
+    from slimloop.io import make_dir
+
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a user's file")
+    with pytest.raises(OutputPathError, match=rf"{blocker / 'run'}: cannot create the folder: it, or a part of it, is a file"):
+        make_dir(blocker / "run")
+    with pytest.raises(OutputPathError, match="is a file"):
+        make_dir(blocker)
+    assert make_dir(tmp_path / "a" / "b") == tmp_path / "a" / "b" and (tmp_path / "a" / "b").is_dir()
+
+    def denied(self, *args, **kwargs):  # tests run as root, for whom chmod 555 does not deny
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", denied)
+    with pytest.raises(OutputPathError, match=r"c: cannot create the folder: permission denied"):
+        make_dir(tmp_path / "c")
+    with pytest.raises(OutputPathError, match="permission denied"):
+        atomic_path(tmp_path / "d" / "x.json").__enter__()
+    assert blocker.read_text() == "a user's file"

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import TINY_EVAL, tiny_train_params
+from conftest import NO_FINAL, NO_TARGET, TINY_EVAL, TRAIN_LR, tiny_train_params
 from slimloop.checkpoint import load_checkpoint, save_checkpoint
 from slimloop.compress.control import control_spec, fit_width, train_control
 from slimloop.compress.decide import accepted, retention, smaller_step, target_reached
@@ -56,11 +56,11 @@ def test_backtracking_halves_the_step_down_to_the_floor():
 
 
 def test_targets_all_must_be_met():
-    both = TargetParams(gflops_ratio=0.6, latency_ms=10.0)
+    both = TargetParams(gflops_ratio=0.6, params_ratio=None, latency_ms=10.0)
     assert not target_reached(rec(0.49, 6.0, latency=12.0), BASE, both)  # gflops met, latency not
     assert target_reached(rec(0.49, 5.0, latency=9.0), BASE, both)
-    assert target_reached(rec(0.49, 8.0, params=700), BASE, TargetParams(params_ratio=0.7))
-    assert not target_reached(rec(0.49, 1.0), BASE, TargetParams())  # no target: never reached
+    assert target_reached(rec(0.49, 8.0, params=700), BASE, TargetParams(gflops_ratio=None, params_ratio=0.7))
+    assert not target_reached(rec(0.49, 1.0), BASE, NO_TARGET)  # no target: never reached
 
 
 def test_params_sections_validate_and_name_keys():
@@ -89,9 +89,10 @@ def baseline(tiny_data, tiny_spec, tmp_path_factory):
 
 
 def _params(**sections):
-    base = dict(train=tiny_train_params(epochs=1), eval=TINY_EVAL, sparse=SparseParams(epochs=1, lam=1e-3),
-                prune=PruneParams(min_channels=2), retrain=RetrainParams(epochs=1),
-                distill=DistillParams(mode="off", epochs=1), compress=CompressParams(iterations=3, step_ratio=0.3))
+    base = dict(train=tiny_train_params(epochs=1), eval=TINY_EVAL, sparse=SparseParams(epochs=1, lam=1e-3, lr0=None),
+                prune=PruneParams(min_channels=2), retrain=RetrainParams(epochs=1, **TRAIN_LR),
+                distill=DistillParams(mode="off", epochs=1),
+                compress=CompressParams(iterations=3, step_ratio=0.3, **NO_FINAL), target=NO_TARGET)
     return Params(**{**base, **sections})
 
 
@@ -114,7 +115,7 @@ def test_loop_backtracks_then_gives_up_and_keeps_the_baseline(baseline, tiny_dat
     reference = {**rec(1.0, base_gflops), "imgsz": 128}
     retrain = RetrainParams(mode="scratch", epochs=2, scratch_budget=True, budget_cap=3.0)
     compress = CompressParams(iterations=3, step_ratio=0.3, min_step_ratio=0.075, min_retention=0.99,
-                              final_retrain="scratch")
+                              **{**NO_FINAL, "final_retrain": "scratch"})
     result = run_loop(baseline, reference, _params(retrain=retrain, compress=compress), tiny_data, tmp_path,
                       run_step=run_step)
     # one sparse run, then cuts of 0.3, 0.15 and 0.075, each rejected; no final retraining of the baseline
@@ -148,7 +149,7 @@ def test_loop_stops_at_target_with_rewind_and_joint_distillation(baseline, tiny_
     base_gflops = gflops(build_model(load_checkpoint(baseline).spec), 128)
     reference = {**rec(0.0, base_gflops), "imgsz": 128}
     params = _params(retrain=RetrainParams(mode="rewind", epochs=1, rewind_epoch=1),
-                     distill=DistillParams(mode="joint", epochs=1), target=TargetParams(gflops_ratio=0.9))
+                     distill=DistillParams(mode="joint", epochs=1), target=TargetParams(gflops_ratio=0.9, params_ratio=None))
     result = run_loop(baseline, reference, params, tiny_data, tmp_path)
     assert (result.decision.reason, result.decision.best) == ("target_reached", 1)
     (it,) = result.iterations

@@ -77,21 +77,66 @@ def test_damaged_training_state_is_a_checkpoint_error(tmp_path):
         load_state(path)
 
 
-def test_spec_claiming_huge_widths_fails_before_allocating(checkpoint_file, tmp_path):
+def _with_spec(ckpt_path: Path, tmp_path: Path, edit) -> Path:
+    """A copy of the checkpoint whose spec JSON ``edit(spec_dict)`` changed (checksum left out, as a
+    hand edit would)."""
+    import json
+
     from safetensors.torch import save
 
     from slimloop.checkpoint import FORMAT
-    from slimloop.model.build import with_conv_widths
     from slimloop.model.spec import spec_to_json
 
-    ckpt = load_checkpoint(checkpoint_file)
-    huge = with_conv_widths(ckpt.spec, {"layers.0": 10**6})  # building it would allocate ~1 GB
-    path = tmp_path / "huge.safetensors"
-    path.write_bytes(save(ckpt.state_dict, metadata={"format": FORMAT, "spec": spec_to_json(huge), "meta": "{}"}))
+    ckpt = load_checkpoint(ckpt_path)
+    spec = json.loads(spec_to_json(ckpt.spec))
+    edit(spec)
+    path = tmp_path / "edited.safetensors"
+    path.write_bytes(save(ckpt.state_dict, metadata={"format": FORMAT, "spec": json.dumps(spec), "meta": "{}"}))
+    return path
+
+
+# (what the crafted spec says, how to write it, what the error must say)
+HUGE_SPECS = [
+    ("a kernel of 20001 (77 GB)", lambda s: s["layers"][0].update(kernel=20001, padding=10000),
+     r"layer 0 \(Conv\): kernel 20001 is larger than the limit 31"),
+    ("a million channels", lambda s: s["layers"][0].update(out_chs=10**6),
+     r"layer 0 \(Conv\): out_chs 1000000 is larger than the limit 16384"),
+    ("10000 bottlenecks", lambda s: s["layers"][2].update(bottlenecks=s["layers"][2]["bottlenecks"] * 10000),
+     r"layer 2 \(C3\): 10000 bottlenecks, more than the limit 64"),
+    ("5000 layers", lambda s: s.update(layers=s["layers"] * 200),
+     r"layers must be a non-empty tuple of at most 1000 layers"),
+    ("a million classes", lambda s: s["detect"].update(nc=10**6, names=["x"] * 10**6),
+     r"detect: nc 1000000 is larger than the limit 10000"),
+    ("widths in bounds, 2.4 G parameters", lambda s: [s["layers"][i].update(out_chs=16384, kernel=3, padding=1)
+                                                     for i in (0, 1)],
+     r"spec: 2,4\d\d,\d{3},\d{3} parameters, more than the limit 500,000,000"),
+]
+
+
+@pytest.mark.parametrize(("what", "edit", "message"), HUGE_SPECS, ids=[c[0] for c in HUGE_SPECS])
+def test_spec_claiming_huge_sizes_fails_before_allocating(checkpoint_file, tmp_path, what, edit, message):
+    path = _with_spec(checkpoint_file, tmp_path, edit)
     start = time.perf_counter()
-    with pytest.raises(CheckpointError, match=r"layers\.0\.conv\.weight has 1000000 output channels"):
+    with pytest.raises(CheckpointError, match=rf"edited\.safetensors: invalid spec in metadata: .*{message}"):
         load_model(path)
-    assert time.perf_counter() - start < 5
+    assert time.perf_counter() - start < 10  # refused from the integers: nothing was allocated
+
+
+def test_every_tensor_shape_is_checked_before_building(checkpoint_file, tmp_path, monkeypatch):
+    """A spec that differs from the weights only in a kernel (dimension 2 of one tensor) or in an
+    input width (dimension 1) is refused before any module is built."""
+    import slimloop.model.build as build
+
+    built = []
+    monkeypatch.setattr(build, "build_model", lambda spec: built.append(spec))
+    kernel = _with_spec(checkpoint_file, tmp_path, lambda s: s["layers"][0].update(kernel=5))
+    with pytest.raises(CheckpointError, match=r"layers\.0\.conv\.weight is \(8, 3, 5, 5\) in the spec, "
+                                              r"the weights are \(8, 3, 6, 6\)"):
+        load_model(kernel)
+    wider_input = _with_spec(checkpoint_file, tmp_path, lambda s: s.update(in_chs=4))
+    with pytest.raises(CheckpointError, match=r"layers\.0\.conv\.weight is \(8, 4, 6, 6\)"):
+        load_model(wider_input)
+    assert built == []
 
 
 def test_checkpoint_for_other_classes_is_refused_by_training(tiny_data, tmp_path):
@@ -123,6 +168,52 @@ def test_unwritable_checkpoint_is_a_checkpoint_error(checkpoint_file, tmp_path, 
     monkeypatch.undo()
     assert target.read_bytes() == before and load_checkpoint(target).meta == {"epoch": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+# ---- signatures: the SHA-256 is an integrity check anyone can recompute; the HMAC is not ---------
+
+
+def _forge(path: Path, **changes: str) -> None:
+    """Change metadata of ``path`` and recompute its SHA-256, as anyone can (the signature is kept)."""
+    import json
+
+    from slimloop.checkpoint import DIGEST_KEY, _digest
+
+    data = path.read_bytes()
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])
+    meta = {**header["__metadata__"], **changes}
+    meta[DIGEST_KEY] = _digest(meta, data)
+    header["__metadata__"] = meta
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + header_len :])
+
+
+def test_signed_checkpoints_refuse_unsigned_forged_and_foreign_files(checkpoint_file, tmp_path, monkeypatch):
+    from slimloop.checkpoint import SIGNATURE_KEY, SIGNING_ENV, _read_header
+
+    model = load_model(checkpoint_file)
+    unsigned = save_checkpoint(tmp_path / "unsigned.safetensors", model, {"epoch": 1})
+    monkeypatch.setenv(SIGNING_ENV, "alice's key")
+    signed = save_checkpoint(tmp_path / "signed.safetensors", model, {"epoch": 1})
+    assert SIGNATURE_KEY in _read_header(signed)[1] and load_checkpoint(signed).meta == {"epoch": 1}
+    with pytest.raises(CheckpointError, match=rf"unsigned\.safetensors: not signed, and {SIGNING_ENV} is set"):
+        load_model(unsigned)
+    _forge(signed, meta='{"epoch": 99}')  # a consistent SHA-256, a stale signature
+    with pytest.raises(CheckpointError, match=r"signed\.safetensors: wrong signature"):
+        load_checkpoint(signed)
+    monkeypatch.delenv(SIGNING_ENV)
+    assert load_checkpoint(signed).meta == {"epoch": 99}  # without a key the forgery passes: SHA-256 is no signature
+    monkeypatch.setenv(SIGNING_ENV, "alice's key")
+    bob = save_checkpoint(tmp_path / "bob.safetensors", model)
+    monkeypatch.setenv(SIGNING_ENV, "mallory's key")
+    with pytest.raises(CheckpointError, match=r"bob\.safetensors: wrong signature: written with another"):
+        load_model(bob)
+    save_state(tmp_path / "s.safetensors", {"epoch": 1, "w": torch.ones(3)})  # states are signed too
+    monkeypatch.setenv(SIGNING_ENV, "alice's key")
+    with pytest.raises(CheckpointError, match="wrong signature"):
+        load_state(tmp_path / "s.safetensors")
 
 
 class Evil:

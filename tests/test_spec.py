@@ -182,6 +182,40 @@ def test_detect_bias_prior():
     assert model.detect.anchors.shape == (3, 3, 2) and model.detect.stride.tolist() == [8, 16, 32]
 
 
+@pytest.mark.parametrize("make", [lambda: yolov5_spec("n", nc=80), lambda: yolov5_spec("s", nc=3), pruned_spec,
+                                  tiny_spec])
+def test_state_shapes_and_param_count_are_what_build_model_makes(make):
+    """The shapes the loader checks and the size the spec bound counts come from the integers alone;
+    they must be exactly what the built model has, key by key."""
+    from slimloop.model.shapes import param_count, state_shapes
+
+    spec = make()
+    model = build_model(spec)
+    assert state_shapes(spec) == {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert param_count(spec) == n_params(model)
+
+
+def test_spec_sizes_are_bounded_before_anything_is_built():
+    from slimloop.model.spec_checks import MAX_PARAMS
+
+    spec = tiny_spec()
+    conv = spec.layers[0]
+    cases = [
+        (dataclasses.replace(conv, kernel=33, padding=16), r"layer 0 \(Conv\): kernel 33 is larger than the limit 31"),
+        (dataclasses.replace(conv, stride=64, kernel=31, padding=15), r"stride 64 is larger than the limit 32"),
+        (dataclasses.replace(conv, out_chs=16385), r"out_chs 16385 is larger than the limit 16384"),
+    ]
+    for layer, message in cases:
+        with pytest.raises(SpecError, match=message):
+            dataclasses.replace(spec, layers=(layer, *spec.layers[1:]))
+    with pytest.raises(SpecError, match=r"in_chs 100000 is larger than the limit"):
+        dataclasses.replace(spec, in_chs=100_000)
+    wide = {"layers.0": 16384, "layers.1": 16384}  # each width allowed, the total (2.4 G) not
+    with pytest.raises(SpecError, match=rf"parameters, more than the limit {MAX_PARAMS:,}"):
+        with_conv_widths(spec, wide)
+    yolov5_spec("x", nc=80)  # the largest YOLOv5 (86 M parameters) stays well inside every bound
+
+
 def test_shortcut_c3_with_mismatched_bottleneck_raises_naming_layer():
     spec = tiny_spec()
     with pytest.raises(SpecError, match=r"layer 4 \(C3\).*bottleneck 0 has out_chs 13") as info:

@@ -181,3 +181,43 @@ def test_manifest_name_matches_compress():
     from slimloop.store import entries
 
     assert entries.MANIFEST == MANIFEST
+
+
+FAKE_STEP = '''
+from pathlib import Path
+from slimloop.compress.steps import StepResult
+
+def step(n, out_dir):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs = out_dir / "runs"
+    runs.write_text(str(int(runs.read_text()) + 1 if runs.exists() else 1))
+    (out_dir / "best.safetensors").write_bytes(b"w" * n)
+    return StepResult(out_dir / "best.safetensors", {"map": 0.5, "gflops": 1.0}, {"masks": str(out_dir / "runs")})
+'''
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "deep", "wrong types", "a list", "not UTF-8",
+                                    "unknown key", "NaN"])
+def test_damaged_step_manifest_is_a_logged_miss(tmp_path, monkeypatch, caplog, damage):
+    """A truncated (or otherwise damaged) step.json runs the step again, says so, and is rewritten."""
+    from slimloop.store.entries import run_stored_step
+
+    monkeypatch.setenv("SLIMLOOP_CACHE", str(tmp_path / "store"))
+    (tmp_path / "fake_step.py").write_text(FAKE_STEP)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    key = "5" * 32
+    first = run_stored_step("fake", "fake_step.step", {"n": 4}, key)
+    manifest = tmp_path / "store" / key / MANIFEST
+    good = manifest.read_text()
+    bad = {"truncated": good[: len(good) // 2], "empty": "", "deep": "[" * 10000 + "]" * 10000,
+           "wrong types": json.dumps({**first, "record": {"map": "high", "gflops": 1}}), "a list": "[1, 2]",
+           "not UTF-8": "\udcff", "unknown key": json.dumps({**first, "surprise": 1}),
+           "NaN": good.replace("0.5", "NaN")}[damage]
+    manifest.write_bytes(bad.encode("utf-8", "surrogateescape"))
+    assert run_stored_step("fake", "fake_step.step", {"n": 4}, key) == first
+    assert (tmp_path / "store" / key / "runs").read_text() == "2"  # ran again
+    assert f"step store: {manifest}" in caplog.text and "the step runs again" in caplog.text
+    assert json.loads(manifest.read_text()) == first  # rewritten whole
+    caplog.clear()
+    assert run_stored_step("fake", "fake_step.step", {"n": 4}, key) == first  # and a hit again
+    assert (tmp_path / "store" / key / "runs").read_text() == "2" and caplog.text == ""

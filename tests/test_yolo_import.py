@@ -1,6 +1,7 @@
 """YOLO import: every invalid case is found with file and line; skip mode; atomicity; round trips."""
 
 import json
+import os
 from pathlib import Path
 
 import cv2
@@ -322,3 +323,124 @@ def test_large_image_round_trip_needs_and_gets_more_decimals(tmp_path):
     assert (tmp_path / "one" / "train.json").read_bytes() == (tmp_path / "two" / "train.json").read_bytes()
     values = (tmp_path / "yolo" / "labels" / "train" / "big.txt").read_text().split()
     assert max(len(v.split(".")[1]) for v in values if "." in v) > 6  # 6 decimals would not be exact
+
+
+# ---- mistakes that must not pass in silence --------------------------------------------------
+
+
+def test_label_file_without_image_is_a_warning(tmp_path):
+    data_yaml = make_dataset(tmp_path / "src", {"a.jpg": GOOD})
+    orphan = tmp_path / "src" / "labels" / "train" / "gone.txt"
+    orphan.write_text(GOOD)
+    (tmp_path / "src" / "labels" / "train" / "sub").mkdir()
+    (tmp_path / "src" / "labels" / "train" / "sub" / "old.txt").write_text(GOOD)
+    summary = import_yolo(data_yaml, tmp_path / "out")
+    assert summary["warnings"] == [
+        {"file": str(orphan), "line": None, "message": "label file with no image: its boxes are not imported"},
+        {"file": str(orphan.parent / "sub" / "old.txt"), "line": None,
+         "message": "label file with no image: its boxes are not imported"}]
+    assert json.loads((tmp_path / "out" / "invalid.json").read_text())["warnings"] == summary["warnings"]
+
+
+def test_orphans_are_found_through_list_files_and_list_files_are_no_orphans(tmp_path):
+    src = tmp_path / "src"
+    make_dataset(src, {"a.jpg": GOOD, "b.jpg": GOOD})
+    (src / "train.txt").write_text("images/train/a.jpg\n")  # b.jpg not listed: its labels are unused
+    data_yaml = src / "data.yaml"
+    data_yaml.write_text("train: train.txt\nval: images/val\nnames: [code, qr]\n")
+    summary = import_yolo(data_yaml, tmp_path / "out")
+    assert [w["file"] for w in summary["warnings"]] == [str(src / "labels" / "train" / "b.txt")]
+
+
+def test_one_label_file_for_two_images_is_an_error(tmp_path):
+    data_yaml = make_dataset(tmp_path / "src", {"a.jpg": GOOD, "c.jpg": GOOD})
+    write_image(tmp_path / "src" / "images" / "train" / "a.png", ext=".png")
+    label = tmp_path / "src" / "labels" / "train" / "a.txt"
+    message = "one label file for 2 images (a.jpg, a.png): which image it labels is ambiguous; rename or remove all but one"
+    assert problems_of(data_yaml, tmp_path / "out") == [Problem(str(label), None, message)] * 2
+    summary = import_yolo(data_yaml, tmp_path / "out", skip_invalid=True)  # or both are left out, and listed
+    assert summary["skipped"] == 2
+    assert [s.file_name for s in read_split(tmp_path / "out", "train").samples] == ["c.jpg"]
+
+
+def test_repeated_class_name_is_an_error(tmp_path):
+    data_yaml = make_dataset(tmp_path / "src", {"a.jpg": GOOD})
+    data_yaml.write_text("train: images/train\nval: images/val\nnames: [code, qr, code]\n")
+    assert problems_of(data_yaml, tmp_path / "out") == [Problem(str(data_yaml), 3, (
+        "names[2] 'code' repeats names[0]: two classes of one name cannot be told apart in the metrics or by a "
+        "user of the model"))]
+
+
+def test_val_equal_to_train_is_an_error_unless_allowed_and_overlap_a_warning(tmp_path):
+    data_yaml = make_dataset(tmp_path / "src", {"a.jpg": GOOD, "b.jpg": GOOD})
+    data_yaml.write_text("train: images/train\nval: images/train\nnames: [code, qr]\n")
+    (problem,) = problems_of(data_yaml, tmp_path / "out")
+    assert (problem.file, problem.line) == (str(data_yaml), 2)
+    assert problem.message.startswith("val is the same 2 images as train") and "allow_val_equals_train" in problem.message
+    params = DataParams(source="yolo", yolo={"data_yaml": str(data_yaml)}, out_dir="out", allow_val_equals_train=True)
+    assert "(data.allow_val_equals_train is true)" in prepare_dataset(params, tmp_path, progress=False)["warnings"][0]["message"]
+    (tmp_path / "src" / "list.txt").write_text("images/train/a.jpg\nimages/val/v.jpg\n")
+    data_yaml.write_text("train: images/train\nval: list.txt\nnames: [code, qr]\n")
+    summary = import_yolo(data_yaml, tmp_path / "out2")
+    assert summary["warnings"] == [{"file": str(data_yaml), "line": 2, "message": (
+        "1 of the 2 val images are train images too: validation mAP is optimistic")}]
+
+
+def test_linked_subfolders_are_followed_and_loops_named(tmp_path):
+    src = tmp_path / "src"
+    data_yaml = make_dataset(src, {"a.jpg": GOOD})
+    elsewhere = tmp_path / "elsewhere"
+    write_image(elsewhere / "images" / "more" / "m.jpg")
+    (elsewhere / "labels" / "more").mkdir(parents=True)
+    (elsewhere / "labels" / "more" / "m.txt").write_text(GOOD)
+    (src / "images" / "train" / "more").symlink_to(elsewhere / "images" / "more")
+    (src / "labels" / "train" / "more").symlink_to(elsewhere / "labels" / "more")
+    (src / "images" / "train" / "loop").symlink_to(src / "images" / "train")
+    summary = import_yolo(data_yaml, tmp_path / "out")
+    train = read_split(tmp_path / "out", "train")
+    assert [s.file_name for s in train.samples] == ["a.jpg", "m.jpg"] and len(train.samples[1].labels) == 1
+    assert summary["warnings"] == [{"file": str(src / "images" / "train" / "loop"), "line": None,
+                                    "message": f"a link to {src / 'images' / 'train'}, which is searched already: skipped"}]
+
+
+def test_home_folder_is_expanded_in_dataset_paths(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    make_dataset(tmp_path / "home" / "ds", {"a.jpg": GOOD})
+    params = DataParams(source="yolo", yolo={"data_yaml": "~/ds/data.yaml"}, out_dir="out")
+    assert params.yolo.data_yaml == str(tmp_path / "home" / "ds" / "data.yaml")
+    assert prepare_dataset(params, tmp_path, progress=False)["splits"]["train"]["images"] == 1
+    assert DataParams(synthetic={"backgrounds_dir": "~/bg"}).synthetic.backgrounds_dir == str(tmp_path / "home" / "bg")
+
+
+def test_split_without_any_label_file_is_a_warning(tmp_path):
+    data_yaml = make_dataset(tmp_path / "src", {"a.jpg": None, "b.jpg": None})
+    summary = import_yolo(data_yaml, tmp_path / "out")
+    label = tmp_path / "src" / "labels" / "train" / "a.txt"
+    assert summary["warnings"] == [{"file": str(data_yaml), "line": 1, "message": (
+        f"train: none of its 2 images has a label file (all import as background); labels are looked for at {label}")}]
+
+
+def test_prepare_entry_prints_warnings_and_the_skip_report(tmp_path, monkeypatch, capsys):
+    """The console names every warning and where skipped images are listed; metrics/data.json keeps them."""
+    import flows.prepare
+    from flows.common import OFFLINE_ENV
+
+    for key, value in OFFLINE_ENV.items():
+        monkeypatch.setenv(key, os.environ.get(key, value))
+    data_yaml = make_dataset(tmp_path / "src", {"a.jpg": GOOD, "bad.jpg": "7 0.5 0.5 0.1 0.1\n"})
+    (tmp_path / "src" / "labels" / "train" / "gone.txt").write_text(GOOD)
+    params = tmp_path / "params.yaml"
+    params.write_text(f"data:\n  source: yolo\n  out_dir: prepared\n  skip_invalid: true\n  yolo:\n"
+                      f"    data_yaml: {data_yaml}\n")
+    monkeypatch.chdir(tmp_path)
+    assert flows.prepare.main(["--params", str(params), "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    gone = tmp_path / "src" / "labels" / "train" / "gone.txt"
+    assert f"warning: {gone}: label file with no image: its boxes are not imported" in err
+    report = tmp_path / "prepared" / "invalid.json"
+    assert (f"skipped 1 invalid image(s) and 0 record(s) that belong to no image (data.skip_invalid: true); "
+            f"each is listed with its problems in {report}") in out
+    stats = json.loads((tmp_path / "metrics" / "data.json").read_text())
+    assert stats["warnings"] == [{"file": str(gone), "line": None,
+                                  "message": "label file with no image: its boxes are not imported"}]
+    assert (stats["skipped"], stats["invalid_report"]) == (1, str(report))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 from dataclasses import dataclass, field
@@ -14,10 +15,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from slimloop.errors import CheckpointError
-from slimloop.io import write_bytes_atomic
+from slimloop.io import parse_json, write_bytes_atomic
 
 FORMAT = "slimloop/1"
 DIGEST_KEY = "sha256"  # metadata key: SHA-256 of the other metadata and the tensor bytes
+# The SHA-256 catches damage, not forgery: anyone can recompute it. With this variable set, every
+# file is also signed (HMAC-SHA256 keyed by its value) and every file loaded must carry a valid signature.
+SIGNING_ENV = "SLIMLOOP_SIGNING_KEY"
+SIGNATURE_KEY = "hmac_sha256"  # metadata key of the signature
+_UNSIGNED = (DIGEST_KEY, SIGNATURE_KEY)
 
 
 @dataclass
@@ -49,10 +55,17 @@ def _contiguous(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> di
     return out
 
 
-def _digest(metadata: dict[str, str], data: bytes | memoryview) -> str:
-    """SHA-256 of the metadata (sorted, without the digest itself) and the tensor bytes after the header."""
-    digest = hashlib.sha256(json.dumps({k: v for k, v in metadata.items() if k != DIGEST_KEY},
-                                       sort_keys=True).encode())
+def signing_key() -> bytes | None:
+    """The user's signing key (``$SLIMLOOP_SIGNING_KEY`` as UTF-8), or None when unset or empty."""
+    key = os.environ.get(SIGNING_ENV, "")
+    return key.encode("utf-8") if key else None
+
+
+def _digest(metadata: dict[str, str], data: bytes | memoryview, key: bytes | None = None) -> str:
+    """SHA-256 of the metadata (sorted, without the digest and signature) and the tensor bytes after
+    the header; with ``key``, the HMAC-SHA256 of the same bytes."""
+    digest = hmac.new(key, digestmod=hashlib.sha256) if key is not None else hashlib.sha256()
+    digest.update(json.dumps({k: v for k, v in metadata.items() if k not in _UNSIGNED}, sort_keys=True).encode())
     header_len = int.from_bytes(data[:8], "little")
     digest.update(memoryview(data)[8 + header_len:])
     return digest.hexdigest()
@@ -60,11 +73,14 @@ def _digest(metadata: dict[str, str], data: bytes | memoryview) -> str:
 
 def _save_with_digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
     """safetensors bytes whose metadata carries a checksum, so that flipped bytes anywhere in the
-    spec, provenance or weights are caught on load (safetensors itself checks only the layout)."""
+    spec, provenance or weights are caught on load (safetensors itself checks only the layout), and
+    a signature when :func:`signing_key` is set."""
     first = save(tensors, metadata=metadata)
     header_len = int.from_bytes(first[:8], "little")
     header = json.loads(first[8 : 8 + header_len])
     header["__metadata__"] = {**metadata, DIGEST_KEY: _digest(metadata, first)}
+    if (key := signing_key()) is not None:
+        header["__metadata__"][SIGNATURE_KEY] = _digest(metadata, first, key)
     # the tensor bytes and their offsets do not depend on the metadata: only the header is rewritten
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # safetensors pads the header to a multiple of 8 bytes
@@ -127,16 +143,33 @@ def _read_header(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             f"{path}: not a safetensors file or truncated (header says {header_len} bytes, "
             f"file has {len(data)}); pickled .pt files are refused on purpose"
         )
+    header = parse_json(bytes(data[8 : 8 + header_len]), f"{path} (safetensors header)", CheckpointError)
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise CheckpointError(f"{path}: corrupt safetensors file (its metadata is not a map of strings)")
     try:
-        header = json.loads(data[8 : 8 + header_len])
         tensors = load(data)
     except (SafetensorError, ValueError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: corrupt safetensors file ({exc})") from None
-    metadata = header.get("__metadata__") or {}
+    metadata = metadata or {}
     # files written before the checksum existed have none and are read as they are
     if DIGEST_KEY in metadata and metadata[DIGEST_KEY] != _digest(metadata, data):
         raise CheckpointError(f"{path}: corrupt file (its checksum does not match its contents)")
+    _verify_signature(path, metadata, data)
     return tensors, metadata
+
+
+def _verify_signature(path: Path, metadata: dict[str, str], data: bytes) -> None:
+    """With :func:`signing_key` set, refuse a file that is unsigned or signed with another key."""
+    key = signing_key()
+    if key is None:
+        return
+    if SIGNATURE_KEY not in metadata:
+        raise CheckpointError(f"{path}: not signed, and {SIGNING_ENV} is set: only files written with that "
+                              "key are loaded (unset it to load unsigned files)")
+    if not hmac.compare_digest(metadata[SIGNATURE_KEY], _digest(metadata, data, key)):
+        raise CheckpointError(f"{path}: wrong signature: written with another {SIGNING_ENV}, or changed "
+                              "after it was signed")
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
@@ -152,10 +185,12 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if metadata.get("format") != FORMAT or "spec" not in metadata:
         raise CheckpointError(f"{path}: not a slimloop checkpoint (no spec in its metadata)")
     try:
-        spec = spec_from_json(metadata["spec"])
-        meta = json.loads(metadata.get("meta", "{}"))
+        spec = spec_from_json(metadata["spec"], "spec")
     except (ValueError, TypeError, KeyError) as exc:
         raise CheckpointError(f"{path}: invalid spec in metadata: {exc}") from None
+    meta = parse_json(metadata.get("meta", "{}"), f"{path} (provenance)", CheckpointError)
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: invalid provenance in metadata: not a JSON object")
     return Checkpoint(spec=spec, state_dict=tensors, meta=meta, path=path)
 
 
@@ -181,24 +216,27 @@ def load_state_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], so
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
 
 
-def _check_out_widths(ckpt: Checkpoint, source: str) -> None:
-    """Compare the spec's conv and head widths with the stored weights before building anything.
+def _check_shapes(ckpt: Checkpoint, source: str) -> None:
+    """Compare every stored tensor's full shape and kind with what the spec builds, before building it.
 
     A spec whose widths disagree with the weights (say a corrupt or hand-edited one claiming
     200000 channels) would otherwise allocate that model first and fail, or exhaust memory, later.
     """
-    from slimloop.model.build import conv_widths
+    from slimloop.model.shapes import state_shapes
 
-    spec = ckpt.spec
-    expected = {f"{name}.conv.weight": width for name, width in conv_widths(spec).items()}
-    expected.update({f"detect.m.{k}.weight": len(level) * (5 + spec.detect.nc)
-                     for k, level in enumerate(spec.detect.anchors)})
-    for key, width in expected.items():
+    expected = state_shapes(ckpt.spec)
+    for key, shape in expected.items():
         tensor = ckpt.state_dict.get(key)
-        if tensor is None or tensor.ndim == 0 or tensor.shape[0] != width:
+        if tensor is None or tuple(tensor.shape) != shape:
             found = "missing" if tensor is None else f"{tuple(tensor.shape)}"
-            raise CheckpointError(f"{source}: weights do not match the spec: {key} has {width} output "
-                                  f"channels in the spec, the weights are {found}")
+            raise CheckpointError(f"{source}: weights do not match the spec: {key} is {shape} in the spec, "
+                                  f"the weights are {found}")
+        if key.endswith("num_batches_tracked") == tensor.is_floating_point() or tensor.is_complex():
+            raise CheckpointError(f"{source}: weights do not match the spec: {key} is of type {tensor.dtype}")
+    unexpected = sorted(set(ckpt.state_dict) - set(expected))
+    if unexpected:
+        raise CheckpointError(f"{source}: weights do not match the spec: {len(unexpected)} tensor(s) the "
+                              f"spec does not have, first: {unexpected[0][:80]}")
 
 
 def load_model(path: str | os.PathLike, nc: int | None = None, device: str | torch.device = "cpu"):
@@ -219,7 +257,7 @@ def load_model(path: str | os.PathLike, nc: int | None = None, device: str | tor
         raise CheckpointError(
             f"{path}: checkpoint detects {ckpt.spec.detect.nc} classes, the dataset has {nc}"
         )
-    _check_out_widths(ckpt, str(path))
+    _check_shapes(ckpt, str(path))
     try:
         model = build_model(ckpt.spec)
     except (ValueError, TypeError) as exc:
@@ -251,18 +289,43 @@ def flatten_state(obj: Any, prefix: str = "") -> tuple[dict[str, torch.Tensor], 
     return tensors, walk(obj, prefix or "s")
 
 
-def unflatten_state(tensors: dict[str, torch.Tensor], skeleton: Any) -> Any:
-    """Inverse of :func:`flatten_state`."""
-    if isinstance(skeleton, dict):
-        if "__tensor__" in skeleton:
-            return tensors[skeleton["__tensor__"]]
-        if "__dict__" in skeleton:
-            return {unflatten_state(tensors, k): unflatten_state(tensors, v) for k, v in skeleton["__dict__"]}
-        if "__list__" in skeleton:
-            return [unflatten_state(tensors, v) for v in skeleton["__list__"]]
-        if "__tuple__" in skeleton:
-            return tuple(unflatten_state(tensors, v) for v in skeleton["__tuple__"])
-    return skeleton
+_NODES = ("__tensor__", "__dict__", "__list__", "__tuple__")
+
+
+def unflatten_state(tensors: dict[str, torch.Tensor], skeleton: Any, where: str = "s") -> Any:
+    """Inverse of :func:`flatten_state`.
+
+    Raises:
+        ValueError: a node :func:`flatten_state` cannot have written (named by its path): an unknown
+            or missing tensor, a bare list, an unhashable dict key.
+    """
+    if isinstance(skeleton, list):
+        raise ValueError(f"{where}: a bare list (lists are written as __list__ nodes)")
+    if not isinstance(skeleton, dict):
+        return skeleton
+    kind, value = next(iter(skeleton.items())) if len(skeleton) == 1 else (None, None)
+    if kind not in _NODES:
+        raise ValueError(f"{where}: not a state node (keys {', '.join(str(k)[:20] for k in list(skeleton)[:4])})")
+    if kind == "__tensor__":
+        if not isinstance(value, str) or value not in tensors:
+            raise ValueError(f"{where}: names no stored tensor")
+        return tensors[value]
+    if not isinstance(value, list):
+        raise ValueError(f"{where}: {kind} must hold a list")
+    if kind != "__dict__":
+        items = [unflatten_state(tensors, v, f"{where}.{i}") for i, v in enumerate(value)]
+        return items if kind == "__list__" else tuple(items)
+    out = {}
+    for i, pair in enumerate(value):
+        if not (isinstance(pair, list) and len(pair) == 2):
+            raise ValueError(f"{where}.{i}: a dict entry must be a [key, value] pair")
+        key = unflatten_state(tensors, pair[0], f"{where}.k{i}")
+        try:
+            hash(key)
+        except TypeError:
+            raise ValueError(f"{where}.k{i}: a dict key must be a number, string or tuple") from None
+        out[key] = unflatten_state(tensors, pair[1], f"{where}.{i}")
+    return out
 
 
 def save_state(path: str | os.PathLike, state: Any) -> None:
@@ -281,7 +344,10 @@ def load_state(path: str | os.PathLike) -> Any:
     tensors, metadata = _read_header(path)
     if metadata.get("format") != FORMAT + "-state":
         raise CheckpointError(f"{path}: not a slimloop training-state file")
+    if not isinstance(metadata.get("skeleton"), str):
+        raise CheckpointError(f"{path}: corrupt training state (no skeleton)")
+    skeleton = parse_json(metadata["skeleton"], f"{path} (state skeleton)", CheckpointError)
     try:
-        return unflatten_state(tensors, json.loads(metadata["skeleton"]))
-    except (KeyError, ValueError) as exc:
+        return unflatten_state(tensors, skeleton)
+    except ValueError as exc:
         raise CheckpointError(f"{path}: corrupt training state ({exc})") from None

@@ -36,14 +36,34 @@ def _parse(path: Path) -> ast.Module:
     return ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
 
 
+def _type_checking(node: ast.AST) -> bool:
+    """``if TYPE_CHECKING:`` (or ``typing.TYPE_CHECKING``): imports only a type checker runs."""
+    test = node.test if isinstance(node, ast.If) else None
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _runtime_nodes(tree: ast.AST):
+    """Every node of ``tree`` outside ``if TYPE_CHECKING:`` blocks."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        for child in ast.iter_child_nodes(node):
+            if not _type_checking(child):
+                todo.append(child)
+            else:
+                todo.extend(child.orelse)
+
+
 def imported_modules(name: str, roots: Mapping[str, Path]) -> set[str]:
-    """Project modules that module ``name`` imports anywhere in its source (inside functions too),
-    with the packages whose ``__init__`` each import runs."""
+    """Project modules that module ``name`` imports anywhere in its source (inside functions too,
+    not under ``if TYPE_CHECKING:``), with the packages whose ``__init__`` each import runs."""
     path = module_file(name, roots)
     if path is None:
         return set()
     found: set[str] = set()
-    for node in ast.walk(_parse(path)):
+    for node in _runtime_nodes(_parse(path)):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):

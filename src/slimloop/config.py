@@ -1,7 +1,8 @@
-"""Typed, validated params: one pydantic model per params.yaml section."""
+"""Typed, validated params: one pydantic model per params.yaml section, defaults equal to params.yaml."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -60,20 +61,21 @@ def _check_imgsz(value: int) -> int:
 
 
 ImgSize = Annotated[int, Field(ge=STRIDE, le=4096), AfterValidator(_check_imgsz)]
+UserPath = Annotated[str, AfterValidator(os.path.expanduser)]  # a path the user writes: ~ is their home
 
 
 class SyntheticParams(StrictModel):
     """The generated barcode dataset (the embedded default)."""
 
-    image_size: int = Field(256, ge=64, le=4096, description="side of the square images, px")
+    image_size: int = Field(160, ge=64, le=4096, description="side of the square images, px")
     train: int = Field(800, ge=1)
     val: int = Field(200, ge=1)
     test: int = Field(200, ge=0)
-    max_codes: int = Field(3, ge=0, le=32, description="codes per image: uniform in 0..max_codes")
-    min_size: float = Field(0.06, gt=0, lt=1, description="smallest code, fraction of image side")
-    max_size: float = Field(0.45, gt=0, le=1, description="largest code, fraction of image side")
-    distractors: int = Field(3, ge=0, description="unlabelled distractors per image, at most")
-    backgrounds_dir: str | None = Field(None, description="folder of your own background images")
+    max_codes: int = Field(4, ge=0, le=32, description="codes per image: uniform in 0..max_codes")
+    min_size: float = Field(0.15, gt=0, lt=1, description="smallest code, fraction of image side")
+    max_size: float = Field(0.6, gt=0, le=1, description="largest code, fraction of image side")
+    distractors: int = Field(1, ge=0, description="unlabelled distractors per image, at most")
+    backgrounds_dir: UserPath | None = Field(None, description="folder of your own background images")
 
     @model_validator(mode="after")
     def _sizes(self) -> SyntheticParams:
@@ -85,18 +87,18 @@ class SyntheticParams(StrictModel):
 class YoloSource(StrictModel):
     """An ultralytics-style dataset: a data.yaml with train/val (folders or list files) and names."""
 
-    data_yaml: str
+    data_yaml: UserPath
 
 
 class CocoSource(StrictModel):
     """A COCO JSON dataset: one annotation file and one image folder per split."""
 
-    train_json: str
-    train_images: str
-    val_json: str
-    val_images: str
-    test_json: str | None = None
-    test_images: str | None = None
+    train_json: UserPath
+    train_images: UserPath
+    val_json: UserPath
+    val_images: UserPath
+    test_json: UserPath | None = None
+    test_images: UserPath | None = None
 
 
 class DataParams(StrictModel):
@@ -106,6 +108,9 @@ class DataParams(StrictModel):
     seed: int = 0
     out_dir: str = "data/prepared"
     skip_invalid: bool = False
+    allow_val_equals_train: bool = Field(
+        False, description="accept a val split of exactly the train images (else an error: val mAP would "
+                           "measure memorization)")
     synthetic: SyntheticParams = SyntheticParams()
     yolo: YoloSource | None = None
     coco: CocoSource | None = None
@@ -138,7 +143,7 @@ class AugmentParams(StrictModel):
     scale: float = Field(0.5, ge=0, lt=1)
     fliplr: float = Field(0.5, ge=0, le=1)
     flipud: float = Field(0.0, ge=0, le=1)
-    mosaic: float = Field(1.0, ge=0, le=1)
+    mosaic: float = Field(0.5, ge=0, le=1)
 
 
 class LossParams(StrictModel):
@@ -154,10 +159,10 @@ class LossParams(StrictModel):
 class TrainParams(StrictModel):
     """One training run (baseline, retrain, control all use this shape)."""
 
-    imgsz: ImgSize = 256
-    epochs: int = Field(30, ge=1)
+    imgsz: ImgSize = 160
+    epochs: int = Field(19, ge=1)
     batch_size: int = Field(16, ge=1)
-    lr0: float = Field(0.01, gt=0, le=1)
+    lr0: float = Field(0.02, gt=0, le=1)
     lrf: float = Field(0.01, gt=0, le=1, description="final lr as a fraction of lr0")
     momentum: float = Field(0.937, ge=0, lt=1)
     nesterov: bool = True
@@ -169,9 +174,9 @@ class TrainParams(StrictModel):
     ema_decay: float = Field(0.9999, gt=0, lt=1)
     amp: bool = True
     device: str = "auto"
-    workers: int = Field(2, ge=0)
+    workers: int = Field(0, ge=0)
     seed: int = 0
-    val_every: int = Field(1, ge=1, description="validate every N epochs (and always on the last)")
+    val_every: int = Field(10, ge=1, description="validate every N epochs (and always on the last)")
     augment: AugmentParams = AugmentParams()
     loss: LossParams = LossParams()
 
@@ -197,14 +202,14 @@ class EvalParams(StrictModel):
     latency_runs: int = Field(50, ge=1)
     latency_warmup: int = Field(10, ge=0)
     threads: int | None = Field(None, ge=1, description="CPU threads for latency; None = all")
-    imgsz_sweep: list[ImgSize] = Field(default_factory=lambda: [256, 224, 192, 160, 128], min_length=1)
+    imgsz_sweep: list[ImgSize] = Field(default_factory=lambda: [160, 128, 96], min_length=1)
 
 
 class SparseParams(StrictModel):
     """Sparse training (network slimming): L1 on every prunable BN gamma."""
 
-    epochs: int = Field(3, ge=1)
-    lam: float = Field(1e-4, ge=0, description="L1 strength: lam * sign(gamma) added to the grad")
+    epochs: int = Field(1, ge=1)
+    lam: float = Field(0.01, ge=0, description="L1 strength: lam * sign(gamma) added to the grad")
     schedule: Literal["constant", "linear", "cosine", "rising"] = "constant"
     low_fraction: float = Field(
         0.1, ge=0, le=1, description="lam at the low end, fraction of lam: where linear/cosine end, rising starts")
@@ -213,7 +218,7 @@ class SparseParams(StrictModel):
                                       "is below target_threshold (null = fixed lam)")
     target_threshold: float = Field(1e-2, gt=0, description="|gamma| below this counts as switched off")
     lam_growth: float = Field(2.0, ge=1, description="factor lam grows by after an epoch short of the target")
-    lr0: float | None = Field(None, gt=0, description="learning rate (null = train.lr0); no warm-up")
+    lr0: float | None = Field(0.002, gt=0, description="learning rate (null = train.lr0); no warm-up")
 
 
 class BaselineParams(StrictModel):
@@ -249,10 +254,10 @@ class RetrainParams(StrictModel):
     """Training after pruning: inherit the weights, start from scratch, or rewind."""
 
     mode: Literal["finetune", "scratch", "rewind"] = "finetune"
-    epochs: int = Field(5, ge=1)
-    lr0: float | None = Field(None, gt=0, le=1, description="finetune lr; null = train.lr0")
+    epochs: int = Field(2, ge=1)
+    lr0: float | None = Field(0.002, gt=0, le=1, description="finetune lr; null = train.lr0")
     warmup_epochs: float | None = Field(
-        None, ge=0, description="finetune warm-up epochs; null = train.warmup_epochs (0: start at lr0)")
+        0.0, ge=0, description="finetune warm-up epochs; null = train.warmup_epochs (0: start at lr0)")
     scratch_budget: bool = Field(False, description="scratch-B: epochs x FLOPs_base / FLOPs_pruned")
     budget_cap: float = Field(3.0, ge=1, description="scratch-B epochs at most this times epochs")
     rewind_epoch: int = Field(1, ge=1, description="baseline epoch whose weights rewind restores")
@@ -261,7 +266,7 @@ class RetrainParams(StrictModel):
 class DistillParams(StrictModel):
     """Knowledge distillation from a teacher: detection outputs and neck features."""
 
-    mode: Literal["off", "separate", "joint"] = "separate"
+    mode: Literal["off", "separate", "joint"] = "off"
     teacher: Literal["baseline", "previous"] = "baseline"
     epochs: int = Field(3, ge=1, description="epochs of the separate distillation step")
     obj: float = Field(1.0, ge=0)
@@ -276,9 +281,9 @@ class CompressParams(StrictModel):
     """The iterative loop (plan D)."""
 
     iterations: int = Field(3, ge=1, description="accepted iterations at most")
-    step_ratio: float = Field(0.3, gt=0, lt=1, description="fraction of the remaining channels one iteration cuts")
+    step_ratio: float = Field(0.5, gt=0, lt=1, description="fraction of the remaining channels one iteration cuts")
     min_step_ratio: float = Field(
-        0.05, gt=0, lt=1, description="backtracking halves a failed step down to this; below it the loop stops")
+        0.0625, gt=0, lt=1, description="backtracking halves a failed step down to this; below it the loop stops")
     min_retention: float = Field(
         0.5, ge=0, le=1, description="an iteration is accepted when its finetuned model keeps this fraction of "
                                      "its parent's mAP@0.5:0.95; else it is retried with half the step")
@@ -289,10 +294,10 @@ class CompressParams(StrictModel):
                                 "the report says whether it was met")
     imgsz: ImgSize | None = Field(None, description="evaluation size; null = train.imgsz")
     final_retrain: Literal["off", "scratch", "finetune"] = Field(
-        "off", description="after the loop, train the final model once more: its weights further, or its "
+        "finetune", description="after the loop, train the final model once more: its weights further, or its "
                            "structure from random weights (plan C, the report's 'nas' row)")
-    final_epochs: int | None = Field(None, ge=1, description="epochs of the final retraining; null = train.epochs")
-    final_lr0: float | None = Field(None, gt=0, description="its initial learning rate (cosine to lrf); null = train.lr0")
+    final_epochs: int | None = Field(12, ge=1, description="epochs of the final retraining; null = train.epochs")
+    final_lr0: float | None = Field(0.01, gt=0, description="its initial learning rate (cosine to lrf); null = train.lr0")
     final_distill: bool = Field(False, description="distill from the baseline during the final retraining")
 
     @model_validator(mode="after")
@@ -305,8 +310,8 @@ class CompressParams(StrictModel):
 class TargetParams(StrictModel):
     """When to stop compressing: every target given must be met (null = no target)."""
 
-    gflops_ratio: float | None = Field(None, gt=0, le=1, description="GFLOPs / baseline GFLOPs")
-    params_ratio: float | None = Field(None, gt=0, le=1, description="params / baseline params")
+    gflops_ratio: float | None = Field(0.2, gt=0, le=1, description="GFLOPs / baseline GFLOPs")
+    params_ratio: float | None = Field(0.1, gt=0, le=1, description="params / baseline params")
     latency_ms: float | None = Field(None, gt=0, description="ONNX Runtime CPU latency, ms")
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from slimloop.config import EvalParams
 from slimloop.data.canonical import annotation_path
 from slimloop.data.dataset import DetectionDataset, make_loader
 from slimloop.errors import DataError, Problem, SlimloopError
+from slimloop.io import JSONTextError, load_json_text
 from slimloop.postprocess import non_max_suppression, scale_boxes_to_original
 
 DECIMALS = 6
@@ -68,11 +68,11 @@ def _load_gt(gt_coco: dict[str, Any] | str | Path) -> dict[str, Any]:
         return gt_coco
     path = Path(gt_coco)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return load_json_text(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DataError(Problem(str(path), None, "missing; run the prepare stage first")) from None
-    except (OSError, json.JSONDecodeError) as exc:
-        line = getattr(exc, "lineno", None)
+    except (OSError, UnicodeDecodeError, JSONTextError) as exc:
+        line = getattr(exc, "line", None)
         raise DataError(Problem(str(path), line, f"unreadable: {exc}")) from None
 
 

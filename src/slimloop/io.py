@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
+
+from pydantic import BaseModel, ValidationError
 
 from slimloop.errors import ConfigError, OutputPathError
 
@@ -129,6 +132,24 @@ def _make_parent(path: Path) -> None:
         raise OutputPathError(f"{path}: cannot create it: permission denied in {path.parent}") from None
 
 
+def make_dir(path: str | os.PathLike) -> Path:
+    """Create the folder ``path`` (and its parents) unless it exists; return it.
+
+    Raises:
+        OutputPathError: it, or a part of it, is a file; or a parent is read-only.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise OutputPathError(f"{path}: cannot create the folder: it, or a part of it, is a file") from None
+    except PermissionError:
+        raise OutputPathError(f"{path}: cannot create the folder: permission denied") from None
+    except OSError as exc:  # a read-only file system, a full disk
+        raise OutputPathError(f"{path}: cannot create the folder: {exc.strerror}") from None
+    return path
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -194,19 +215,113 @@ def _swap(tmp: Path, path: Path) -> None:
     os.replace(old, tmp)  # removed by the caller's finally, as a temporary of this process
 
 
-def read_stage_json(path: str | os.PathLike, stage: str) -> Any:
-    """A JSON file another pipeline stage writes; a missing one names the stage to run first.
+MAX_DEPTH = 100  # nesting levels accepted in a JSON or YAML file; slimloop's own files need fewer than 20
+
+
+def _constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number slimloop writes")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:20]} is out of range")
+    return value
+
+
+class JSONTextError(ValueError):
+    """Text that is not JSON slimloop could have written; ``line`` is 1-based where known."""
+
+    def __init__(self, message: str, line: int | None = None):
+        super().__init__(message)
+        self.message, self.line = message, line
+
+
+def _check_depth(obj: Any) -> None:
+    """Refuse nesting deeper than :data:`MAX_DEPTH` (iteratively: the check itself cannot recurse)."""
+    stack = [(obj, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise JSONTextError(f"nested deeper than {MAX_DEPTH} levels")
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+
+
+def load_json_text(text: str | bytes) -> Any:
+    """Parse JSON read back from a file that anyone could have written.
+
+    Deep nesting (which makes ``json.loads`` raise ``RecursionError``, and any later recursive walk
+    too), ``NaN``/``Infinity`` (slimloop never writes them), numbers out of range and malformed text
+    are all refused.
 
     Raises:
-        ConfigError: the file is missing, unreadable or not JSON.
+        JSONTextError: with the line where known.
+    """
+    try:
+        obj = json.loads(text, parse_constant=_constant, parse_float=_finite_float)
+    except json.JSONDecodeError as exc:
+        raise JSONTextError(f"not valid JSON: {exc.msg}", exc.lineno) from None
+    except RecursionError:
+        raise JSONTextError(f"nested deeper than {MAX_DEPTH} levels") from None
+    except ValueError as exc:  # bytes not UTF-8, NaN, 1e999, an integer of more than 4300 digits
+        raise JSONTextError(f"not valid JSON: {exc}") from None
+    _check_depth(obj)
+    return obj
+
+
+def parse_json(text: str | bytes, source: str, error: type[Exception] = ConfigError) -> Any:
+    """:func:`load_json_text`, failures raised as ``error``: ``<source>[:<line>]: <problem>``."""
+    try:
+        return load_json_text(text)
+    except JSONTextError as exc:
+        where = f"{source}:{exc.line}" if exc.line else source
+        raise error(f"{where}: {exc.message}") from None
+
+
+def read_json_file(path: str | os.PathLike, what: str, error: type[Exception] = ConfigError) -> Any:
+    """The parsed JSON file ``path`` (see :func:`parse_json`); ``what`` names it when it cannot be read.
+
+    Raises:
+        error: the file is missing, unreadable, or not JSON slimloop could have written.
+    """
+    return parse_json(read_text_file(path, what, error), str(path), error)
+
+
+def read_stage_json(path: str | os.PathLike, stage: str, schema: type[BaseModel] | None = None) -> Any:
+    """A JSON file another pipeline stage writes; a missing one names the stage to run first.
+
+    Args:
+        path: the metrics file.
+        stage: the stage that writes it (named when the file is missing).
+        schema: a pydantic model the content must match (the keys and types the reader relies on).
+
+    Raises:
+        ConfigError: the file is missing, unreadable, not JSON, or does not match ``schema``
+            (naming the file and the key path).
     """
     path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        raise ConfigError(f"{path} does not exist: run the {stage} stage first (dvc repro {stage})")
+    obj = read_json_file(path, "metrics file")
+    if schema is not None:
+        check_schema(obj, schema, str(path), "metrics file")
+    return obj
+
+
+def check_schema(obj: Any, schema: type[BaseModel], source: str, what: str,
+                 error: type[Exception] = ConfigError) -> BaseModel:
+    """Validate ``obj`` (strictly: no string for a number, no bool for an int) as ``schema``.
+
+    Raises:
+        error: ``<source>: invalid <what>: <key.path>: <reason>`` for the first few mismatches.
+    """
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path} does not exist: run the {stage} stage first (dvc repro {stage})") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path}: unreadable metrics file: {exc}") from None
+        return schema.model_validate(obj, strict=True)
+    except ValidationError as exc:
+        lines = [f"{'.'.join(str(k)[:40] for k in e['loc']) or '<top>'}: {e['msg']}" for e in exc.errors()[:5]]
+        more = f" (and {exc.error_count() - 5} more)" if exc.error_count() > 5 else ""
+        raise error(f"{source}: invalid {what}: " + "; ".join(lines) + more) from None
 
 
 def read_text_file(path: str | os.PathLike, what: str, error: type[Exception] = ConfigError) -> str:

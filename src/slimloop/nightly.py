@@ -20,6 +20,7 @@ from pydantic import Field, field_validator, model_validator
 
 from slimloop.config import StrictModel
 from slimloop.errors import SlimloopError
+from slimloop.io import load_json_text
 from slimloop.offline import OFFLINE_ENV
 
 TAIL_LINES = 20
@@ -189,7 +190,7 @@ def render_report(files: list[str], workdir: Path) -> str:
             continue
         if path.suffix == ".json":
             try:
-                lines += _json_markdown(json.loads(path.read_text(encoding="utf-8")))
+                lines += _json_markdown(load_json_text(path.read_text(encoding="utf-8")))
             except ValueError as exc:
                 lines.append(f"not valid JSON: {exc}")
         elif path.suffix == ".csv":

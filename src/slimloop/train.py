@@ -19,8 +19,10 @@ from tqdm.auto import tqdm
 
 from slimloop.checkpoint import load_state, load_state_strict, save_checkpoint, save_state
 from slimloop.config import EvalParams, TrainParams, params_to_dict
-from slimloop.errors import CheckpointError, TrainingError
+from slimloop.errors import CheckpointError, OutputPathError, TrainingError
+from slimloop.io import make_dir
 from slimloop.optim import ModelEMA, build_optimizer, set_lr
+from slimloop.resume import check_resumable, check_state
 
 AfterBackward = Callable[[nn.Module, float], dict[str, float] | None]
 ExtraLoss = Callable[[torch.Tensor, list[torch.Tensor], list[torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
@@ -174,19 +176,25 @@ class _Run:
         }
 
     def restore(self, state: dict[str, Any], source: str) -> None:
+        """Continue from ``state`` (valid by :func:`slimloop.resume.check_state`), checked against this run."""
+        self.best_metrics, self.history = check_resumable(state, source, self.optimizer)
         load_state_strict(self.model, state["model"], source)
         if self.ema and state["ema"] is not None:
             load_state_strict(self.ema.ema, state["ema"], source)
             self.ema.updates = int(state["ema_updates"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.use_amp and state["scaler"]:
-            self.scaler.load_state_dict(state["scaler"])
-        for m, sd in zip(self.hooks.extra_modules, state["extra"], strict=True):
-            m.load_state_dict(sd)
+        if len(state["extra"]) != len(self.hooks.extra_modules):
+            raise CheckpointError(f"{source}: training state holds {len(state['extra'])} extra module(s), "
+                                  f"this run trains {len(self.hooks.extra_modules)}")
+        try:  # the checks above cover what a state can get wrong; torch's own stay as the last word
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.use_amp and state["scaler"]:
+                self.scaler.load_state_dict(state["scaler"])
+            for m, sd in zip(self.hooks.extra_modules, state["extra"], strict=True):
+                m.load_state_dict(sd)
+            torch.set_rng_state(state["torch_rng"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{source}: training state does not fit this run: {exc}") from None
         self.best_fitness = float(state["best_fitness"])
-        self.best_metrics = json.loads(state["best_metrics"])
-        self.history = json.loads(state["history"])
-        torch.set_rng_state(state["torch_rng"])
         self.start_epoch = int(state["epoch"]) + 1
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
@@ -295,12 +303,15 @@ def train(
     Raises:
         TrainingError: non-finite loss (names epoch and step), or no training data.
         CheckpointError: an unreadable resume state (a truncated file is never written: writes
-            are atomic), a checkpoint that cannot be written (disk full), or a model whose number
-            of classes is not the dataset's.
+            are atomic), one that is not what training writes or does not fit this run, a
+            checkpoint that cannot be written (disk full), or a model whose number of classes is
+            not the dataset's.
     """
     hooks = hooks or TrainHooks()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(out_dir)
+    if (out_dir / "live").exists() and not (out_dir / "live").is_dir():
+        raise OutputPathError(f"{out_dir / 'live'}: is a file; the training log (dvclive) needs a folder there")
     identity = run_identity(model, data_root)  # before _Run touches the model
     run = _Run(model, data_root, params, eval_params, out_dir, hooks, progress)
     fingerprint = params_fingerprint(params, {"meta": meta or {}, **identity})
@@ -309,7 +320,9 @@ def train(
         for stale in out_dir.glob(f".{target.name}.*.tmp"):
             stale.unlink(missing_ok=True)
     state = load_state(state_path) if resume and state_path.exists() else None
-    resumed = state is not None and state.get("fingerprint") == fingerprint
+    if state is not None:
+        check_state(state, str(state_path))
+    resumed = state is not None and state["fingerprint"] == fingerprint
     if resumed and float(state["best_fitness"]) > -1 and not best.exists():
         resumed = False  # the best checkpoint the state vouches for is gone: only a new run makes it again
     if resumed:

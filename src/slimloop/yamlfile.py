@@ -3,6 +3,7 @@ and errors as ``file:line: key.path: message`` with the allowed keys for unknown
 
 from __future__ import annotations
 
+import reprlib
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -10,16 +11,85 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from slimloop.errors import ConfigError
-from slimloop.io import read_text_file
+from slimloop.io import MAX_DEPTH, read_text_file
 
 M = TypeVar("M", bound=BaseModel)
+_MERGE = "tag:yaml.org,2002:merge"
+
+
+class StrictSafeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last one
+    silently) and nesting deeper than :data:`slimloop.io.MAX_DEPTH` (PyYAML's composer recurses:
+    deep nesting would end in ``RecursionError``). Merge keys (``<<: *base``) still override."""
+
+    def __init__(self, stream: Any):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels",
+                                                  self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value if isinstance(node, yaml.MappingNode) else ():
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == _MERGE:
+                continue
+            key = self.construct_object(key_node)
+            line = key_node.start_mark.line + 1
+            if key in first:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {str(key)[:60]!r} (first at line {first[key]}, again at line {line})",
+                    key_node.start_mark)
+            first[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def yaml_problem(exc: yaml.YAMLError) -> tuple[int | None, str]:
+    """The 1-based line and the message of a YAML error, without PyYAML's ``<unicode string>`` marks."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None)
+    if problem is None:
+        return None, str(exc)
+    context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and context_mark is not None and context_mark is not mark:
+        problem += f" ({context} at line {context_mark.line + 1})"
+    return (mark.line + 1 if mark is not None else None), problem
+
+
+def parse_yaml(text: str) -> Any:
+    """``text`` parsed with :class:`StrictSafeLoader`.
+
+    Raises:
+        yaml.YAMLError: not YAML, a duplicate key, or nested too deeply (see :func:`yaml_problem`).
+    """
+    try:
+        return yaml.load(text, Loader=StrictSafeLoader)  # a SafeLoader: no Python objects are built
+    except RecursionError:  # not reached with the depth bound; kept so that no traceback is possible
+        raise yaml.YAMLError(f"nested deeper than {MAX_DEPTH} levels") from None
+
+
+def load_yaml_text(text: str, source: str, error: type[Exception] = ConfigError) -> Any:
+    """:func:`parse_yaml`, with failures as ``error``: ``<source>:<line>: not valid YAML: <problem>``."""
+    try:
+        return parse_yaml(text)
+    except yaml.YAMLError as exc:
+        line, problem = yaml_problem(exc)
+        where = f"{source}:{line}" if line else source
+        raise error(f"{where}: not valid YAML: {problem}") from None
 
 
 def _key_line(text: str, loc: tuple[Any, ...]) -> int | None:
     """Line (1-based) of the YAML node at ``loc`` in ``text``, or of its deepest existing parent."""
     try:
-        node = yaml.compose(text)
-    except yaml.YAMLError:
+        node = yaml.compose(text, Loader=StrictSafeLoader)
+    except (yaml.YAMLError, RecursionError):
         return None
     line = None
     for key in loc:
@@ -50,7 +120,7 @@ def _describe(err: dict[str, Any], model: type[BaseModel]) -> str:
         else:
             msg = "unknown key"
     elif "input" in err and err["type"] not in ("missing", "value_error"):
-        msg = f"{msg} (got {err['input']!r})"
+        msg = f"{msg} (got {reprlib.repr(err['input'])})"
     return msg
 
 
@@ -73,13 +143,14 @@ def read_yaml_mapping(path: Path, what: str) -> tuple[str, dict[str, Any]]:
     """The text of the YAML file ``path`` and its top-level mapping; ``what`` names it in errors.
 
     Raises:
-        ConfigError: the file is missing, unreadable, not UTF-8, not YAML, or not a mapping.
+        ConfigError: the file is missing, unreadable, not UTF-8, not YAML (with its line), holds a
+            key twice, is empty or only comments, or is not a mapping.
     """
     text = read_text_file(path, what, ConfigError)
-    try:
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    raw = load_yaml_text(text, str(path))
+    if raw is None:  # empty or only comments: running on built-in values the user never chose is a mistake
+        raise ConfigError(f"{path}: the {what} is empty (or only comments); write the keys to use "
+                          "(the committed params.yaml lists every one)")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: must be a mapping, got {type(raw).__name__}")
     return text, raw

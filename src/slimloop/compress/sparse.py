@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from torch import Tensor, nn
 from slimloop.checkpoint import load_model
 from slimloop.compress.steps import StepResult, measure_step, step_meta
 from slimloop.config import EvalParams, SparseParams, TrainParams
-from slimloop.io import write_json_atomic
+from slimloop.io import load_json_text, write_json_atomic
 from slimloop.model import conv_modules
 from slimloop.train import TrainHooks, train
 
@@ -92,8 +91,10 @@ class GammaHistogram:
         self.edges = [round(float(e), 6) for e in torch.linspace(0.0, max(max_gamma, 1e-6), bins + 1)]
         self.path, self.rows = path, []
         if path is not None and Path(path).exists():
-            with contextlib.suppress(ValueError, OSError):
-                self.rows = [r for r in json.loads(Path(path).read_text()) if r.get("edges") == self.edges]
+            with contextlib.suppress(ValueError, TypeError, OSError):  # damaged: the epochs are recorded anew
+                rows = load_json_text(Path(path).read_text(encoding="utf-8"))
+                self.rows = [r for r in rows if isinstance(r, dict) and r.get("edges") == self.edges
+                             and isinstance(r.get("epoch"), int) and isinstance(r.get("counts"), list)]
 
     @classmethod
     def from_model(cls, model: nn.Module, bins: int = 40, path: Path | None = None) -> GammaHistogram:

@@ -12,7 +12,7 @@ COCO ``[x, y, w, h]``.
 
 from __future__ import annotations
 
-import json
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from slimloop.errors import DataError, Problem
-from slimloop.io import write_json_atomic
+from slimloop.io import JSONTextError, load_json_text, write_json_atomic
 
 SPLITS = ("train", "val", "test")
 
@@ -95,10 +95,20 @@ def from_coco(coco: dict[str, Any], source: str = "<coco>") -> Split:
                 dtype=np.float64,
             ).reshape(-1, 4)
             labels = np.array([cat_index[a["category_id"]] for a in anns], dtype=np.int64)
-            samples.append(Sample(im["file_name"], int(im["width"]), int(im["height"]), boxes, labels))
-    except (KeyError, TypeError, IndexError) as exc:
-        raise DataError(Problem(source, None, f"not a canonical COCO file ({exc!r})")) from None
+            samples.append(Sample(_safe_name(im["file_name"]), int(im["width"]), int(im["height"]), boxes, labels))
+    except (KeyError, TypeError, IndexError, ValueError, AttributeError) as exc:
+        raise DataError(Problem(source, None, f"not a canonical COCO file ({reprlib.repr(exc)})")) from None
+    if not all(isinstance(n, str) for n in names):
+        raise DataError(Problem(source, None, "not a canonical COCO file (a category name is not a string)"))
     return Split(names, samples)
+
+
+def _safe_name(name: Any) -> str:
+    """``name`` if it is a plain relative path inside the image folder (the importers make only such)."""
+    ok = isinstance(name, str) and name.strip() and "\x00" not in name
+    if not ok or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise ValueError(f"file_name {reprlib.repr(name)} is not a relative path inside the image folder")
+    return name
 
 
 def write_annotations(root: str | Path, split_name: str, split: Split) -> Path:
@@ -116,9 +126,11 @@ def read_split(root: str | Path, split_name: str) -> Split:
     """
     path = annotation_path(root, split_name)
     try:
-        coco = json.loads(path.read_text(encoding="utf-8"))
+        coco = load_json_text(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DataError(Problem(str(path), None, "missing; run the prepare stage first")) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:  # binary junk is not UTF-8
-        raise DataError(Problem(str(path), getattr(exc, "lineno", None), f"unreadable: {exc}")) from None
+    except JSONTextError as exc:
+        raise DataError(Problem(str(path), exc.line, f"unreadable: {exc.message}")) from None
+    except (OSError, UnicodeDecodeError) as exc:  # binary junk is not UTF-8
+        raise DataError(Problem(str(path), None, f"unreadable: {exc}")) from None
     return from_coco(coco, str(path))

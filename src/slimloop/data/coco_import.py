@@ -15,6 +15,7 @@ import numpy as np
 
 from slimloop.config import CocoSource
 from slimloop.data.validate import Candidate, Draft, SplitDraft, finish_import
+from slimloop.data.yolo_checks import split_overlap
 from slimloop.errors import Problem
 from slimloop.io import Protected
 
@@ -41,6 +42,7 @@ class CocoParse:
     records: list[CocoRecord] = field(default_factory=list)
     fatal: list[Problem] = field(default_factory=list)
     dropped: list[Problem] = field(default_factory=list)
+    warnings: list[Problem] = field(default_factory=list)
     ignored_crowd: int = 0
 
 
@@ -204,10 +206,17 @@ def coco_to_split(coco: Any, source: str) -> CocoParse:
         return out
     classes = _categories(coco.get("categories"), source, out)
     images = _images(coco.get("images"), source, out)
-    annotations = coco.get("annotations", [])
+    if "annotations" not in coco:  # like COCO's image_info files: no labels at all, surely not meant
+        out.fatal.append(Problem(source, None, "no annotations key: every image would import as background; "
+                                 'write "annotations": [] if no image has any object'))
+        return out
+    annotations = coco["annotations"]
     if not isinstance(annotations, list):
         out.fatal.append(Problem(source, None, "annotations must be a list"))
         return out
+    if not annotations and images:
+        out.warnings.append(Problem(source, None, f"annotations is empty: all {len(images)} images import as "
+                                    "background"))
     state = {"images": images, "classes": classes, "ann_ids": {}}
     for j, a in enumerate(annotations):
         _annotation(a, j, source, state, out)
@@ -222,7 +231,9 @@ def _load_json(path: Path) -> tuple[Any, list[Problem]]:
         return None, [Problem(str(path), None, "annotation file not found")]
     except json.JSONDecodeError as exc:
         return None, [Problem(str(path), exc.lineno, f"not valid JSON: {exc.msg}")]
-    except (OSError, UnicodeDecodeError, RecursionError) as exc:
+    except RecursionError:
+        return None, [Problem(str(path), None, "cannot read annotation file: nested too deeply")]
+    except (OSError, ValueError) as exc:  # not UTF-8; an integer of more than 4300 digits
         return None, [Problem(str(path), None, f"cannot read annotation file: {exc}")]
 
 
@@ -252,8 +263,18 @@ def _split_draft(name: str, json_path: Path, images: Path, parse: CocoParse) -> 
     return SplitDraft(name, str(json_path), candidates)
 
 
+def _val_is_train(draft: Draft, allowed: bool) -> None:
+    """The YOLO rule (:func:`slimloop.data.yolo_checks.split_overlap`) on the image files of val and train."""
+    files = {s.name: [c.src for c in s.candidates if c.probe] for s in draft.splits}
+    error, warning = split_overlap(files.get("train", []), files.get("val", []), allowed)
+    origin = next((s.origin for s in draft.splits if s.name == "val"), "data.coco")
+    draft.fatal.extend([Problem(origin, None, error)] if error else [])
+    draft.warnings.extend([Problem(origin, None, warning)] if warning else [])
+
+
 def import_coco(source: CocoSource, base: str | Path, out_dir: str | Path, skip_invalid: bool = False,
-                progress: bool = False, protected: Iterable[Protected] = ()) -> dict[str, Any]:
+                progress: bool = False, protected: Iterable[Protected] = (),
+                allow_val_equals_train: bool = False) -> dict[str, Any]:
     """Import a COCO dataset (one JSON and one image folder per split) into the canonical form.
 
     Every split must have the same categories as train. Crowd annotations (``iscrowd: 1``) are
@@ -266,6 +287,7 @@ def import_coco(source: CocoSource, base: str | Path, out_dir: str | Path, skip_
         skip_invalid: drop invalid images (listed in ``<out_dir>/invalid.json``) instead of failing.
         progress: show progress bars.
         protected: paths ``out_dir`` must keep clear of (besides the JSON files and image folders).
+        allow_val_equals_train: accept val images that are exactly the train images (with a warning).
 
     Returns:
         ``skipped``, ``dropped``, ``ignored_crowd`` and ``report`` (see ``finish_import``).
@@ -291,6 +313,8 @@ def import_coco(source: CocoSource, base: str | Path, out_dir: str | Path, skip_
         draft.splits.append(_split_draft(name, json_path, images, parse))
         draft.fatal.extend(parse.fatal)
         draft.dropped.extend(parse.dropped)
+        draft.warnings.extend(parse.warnings)
         draft.ignored_crowd += parse.ignored_crowd
+    _val_is_train(draft, allow_val_equals_train)
     draft.names = [n for _, n in reference[1]] if reference else []
     return finish_import(draft, Path(out_dir), skip_invalid, progress, protected)

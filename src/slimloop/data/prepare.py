@@ -52,8 +52,9 @@ def prepare_dataset(data: DataParams, project_root: Path, progress: bool = True)
 
     Returns:
         ``source``, ``out_dir``, ``names``, per-split counts under ``splits``, and the import's
-        ``skipped`` (invalid images left out), ``dropped`` (records left out), ``ignored_crowd``
-        and ``report`` (the invalid-sample report, None for synthetic data).
+        ``skipped`` (invalid images left out), ``dropped`` (records left out), ``ignored_crowd``,
+        ``report`` (the invalid-sample report, None for synthetic data) and ``warnings`` (what was
+        imported although it looks wrong, each ``{"file", "line", "message"}``).
 
     Raises:
         DataError: the source data has problems (all of them are listed).
@@ -68,11 +69,13 @@ def prepare_dataset(data: DataParams, project_root: Path, progress: bool = True)
         from slimloop.data.synth import generate_dataset  # heavy (rendering); only when needed
 
         generate_dataset(out_dir, data, progress, protected=guard)
-        report: dict[str, Any] = {"skipped": 0, "dropped": 0, "ignored_crowd": 0, "report": None}
+        report: dict[str, Any] = {"skipped": 0, "dropped": 0, "ignored_crowd": 0, "report": None, "warnings": []}
     elif data.source == "yolo":
         assert data.yolo is not None  # guaranteed by DataParams validation
-        report = import_yolo(project_root / data.yolo.data_yaml, out_dir, data.skip_invalid, progress, guard)
+        report = import_yolo(project_root / data.yolo.data_yaml, out_dir, data.skip_invalid, progress, guard,
+                             data.allow_val_equals_train)
     else:
         assert data.coco is not None  # guaranteed by DataParams validation
-        report = import_coco(data.coco, project_root, out_dir, data.skip_invalid, progress, guard)
+        report = import_coco(data.coco, project_root, out_dir, data.skip_invalid, progress, guard,
+                             data.allow_val_equals_train)
     return {"source": data.source, "out_dir": str(out_dir), **summarize_dataset(out_dir), **report}

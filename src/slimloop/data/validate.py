@@ -65,6 +65,7 @@ class Draft:
     dropped: list[Problem] = field(default_factory=list)  # records that belong to no image
     ignored_crowd: int = 0
     sources: list[Path] = field(default_factory=list)  # files and folders read: the output must stay clear
+    warnings: list[Problem] = field(default_factory=list)  # imported anyway, but the user should know
 
 
 def _pil_error(data: bytes, suffix: str) -> str | None:
@@ -258,7 +259,8 @@ def finish_import(draft: Draft, out_dir: Path, skip_invalid: bool, progress: boo
         protected: paths ``out_dir`` must keep clear of, besides ``draft.sources``.
 
     Returns:
-        ``{"skipped": n_images, "dropped": n_records, "ignored_crowd": n, "report": path}``.
+        ``{"skipped": n_images, "dropped": n_records, "ignored_crowd": n, "report": path,
+        "warnings": [{"file", "line", "message"}, ...]}`` (the warnings are in the report too).
 
     Raises:
         DataError: listing every problem found.
@@ -279,11 +281,12 @@ def finish_import(draft: Draft, out_dir: Path, skip_invalid: bool, progress: boo
         raise DataError(empty + sample_problems)
     skipped = [{"split": name, "image": str(c.src), "problems": [_problem_dict(p) for p in c.problems]}
                for name, rows in checked.items() for c, _ in rows if c.problems]
+    warnings = [_problem_dict(p) for p in draft.warnings]
     report = {"skipped": skipped, "dropped": [_problem_dict(p) for p in draft.dropped],
-              "ignored_crowd": draft.ignored_crowd}
+              "ignored_crowd": draft.ignored_crowd, "warnings": warnings}
     _write(out_dir, draft.names, kept, report, progress, protected)
     return {"skipped": len(skipped), "dropped": len(draft.dropped),
-            "ignored_crowd": draft.ignored_crowd, "report": str(out_dir / REPORT_NAME)}
+            "ignored_crowd": draft.ignored_crowd, "report": str(out_dir / REPORT_NAME), "warnings": warnings}
 
 
 def _write(out_dir: Path, names: list[str], kept: dict, report: dict, progress: bool,

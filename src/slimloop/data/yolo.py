@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import reprlib
 import shutil
@@ -24,16 +23,24 @@ from slimloop.data.canonical import (
 )
 from slimloop.data.validate import (
     IMAGE_SUFFIXES,
-    TOLERANCE,
     Candidate,
     Draft,
     SplitDraft,
     finish_import,
 )
+from slimloop.data.yolo_checks import (
+    mark_shared_labels,
+    orphan_labels,
+    real_key,
+    repeated_names,
+    split_overlap,
+    walk_images,
+)
+from slimloop.data.yolo_labels import cxcywh_to_xyxy, parse_label_bytes
 from slimloop.errors import DataError, Problem
 from slimloop.io import Protected, atomic_dir, write_text_atomic
+from slimloop.yamlfile import StrictSafeLoader, parse_yaml, yaml_problem
 
-_FIELDS = ("class", "cx", "cy", "w", "h")
 _MIN_DECIMALS, _MAX_DECIMALS = 6, 12  # export precision: see _label_lines
 Where = Callable[[str, str], Problem]  # (data.yaml key, message) -> Problem at that key
 
@@ -47,104 +54,11 @@ def label_path_for(image: Path) -> Path:
     return Path(*parts).with_suffix(".txt")
 
 
-def cxcywh_to_xyxy(rows: np.ndarray) -> np.ndarray:
-    """(N, 4) normalized ``cx cy w h`` -> (N, 4) ``x1 y1 x2 y2`` clipped to [0, 1]."""
-    rows = np.asarray(rows, np.float64).reshape(-1, 4)
-    half = rows[:, 2:] / 2
-    return np.clip(np.concatenate([rows[:, :2] - half, rows[:, :2] + half], axis=1), 0.0, 1.0)
-
-
-def _numbers(fields: list[str]) -> tuple[list[float | None], list[str]]:
-    """Fields as finite floats, or the reasons they are not."""
-    values, errors = [], []
-    for name, token in zip(_FIELDS, fields, strict=True):
-        try:
-            value = float(token)
-        except ValueError:
-            value = None
-        if value is None or not math.isfinite(value):
-            errors.append(f"{name} {reprlib.repr(token)} is {'not a number' if value is None else 'not finite'}")
-        values.append(value)
-    return values, errors
-
-
-def _check_line(fields: list[str], nc: int | None, tol: float) -> tuple[list[float] | None, list[str]]:
-    """One label line -> ``[class, cx, cy, w, h]`` or the list of what is wrong with it."""
-    if len(fields) != 5:
-        hint = " (segmentation polygons are not supported)" if len(fields) > 5 else ""
-        return None, [f"expected 5 fields 'class cx cy w h', got {len(fields)}{hint}"]
-    values, errors = _numbers(fields)
-    if errors:
-        return None, errors
-    cls, cx, cy, w, h = values
-    if cls != int(cls):
-        errors.append(f"class {reprlib.repr(fields[0])} is not an integer")
-    elif nc is not None and not 0 <= cls < nc:
-        errors.append(f"class {int(cls)} out of range 0..{nc - 1}")
-    for name, value in (("cx", cx), ("cy", cy)):
-        if not -tol <= value <= 1 + tol:
-            errors.append(f"{name} {value:g} outside [0, 1]")
-    for name, value in (("w", w), ("h", h)):
-        if value <= 0:
-            errors.append(f"{name} {value:g} is zero or negative")
-        elif value > 1 + tol:
-            errors.append(f"{name} {value:g} outside [0, 1]")
-    if errors:
-        return None, errors
-    x1, y1, x2, y2 = cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
-    if min(x1, y1) < -tol or max(x2, y2) > 1 + tol:
-        return None, [f"box x {x1:g}..{x2:g}, y {y1:g}..{y2:g} extends outside [0, 1] beyond tolerance {tol}"]
-    x1, y1, x2, y2 = cxcywh_to_xyxy(np.array([cx, cy, w, h]))[0]
-    if x2 <= x1 or y2 <= y1:
-        return None, ["box has zero size after clipping to the image"]
-    return values, []
-
-
-def parse_label_text(
-    text: str, source: str, nc: int | None, tol: float = TOLERANCE
-) -> tuple[np.ndarray, list[Problem]]:
-    """Parse a YOLO label file's text; check every line and collect every problem.
-
-    Blank lines are ignored. Coordinates may overshoot [0, 1] by ``tol`` and are then clipped.
-
-    Args:
-        text: the file's text.
-        source: the file name for problems.
-        nc: number of classes, or None to skip the class range check.
-        tol: tolerance on the normalized coordinates.
-
-    Returns:
-        ``rows`` (N, 5) ``[class, x1, y1, x2, y2]`` normalized and clipped (valid lines only),
-        and the problems with their 1-based line numbers.
-    """
-    rows, problems = [], []
-    for number, line in enumerate(text.split("\n"), start=1):
-        fields = line.split()
-        if not fields:
-            continue
-        values, errors = _check_line(fields, nc, tol)
-        problems.extend(Problem(source, number, e) for e in errors)
-        if values is not None:
-            rows.append([values[0], *cxcywh_to_xyxy(np.array(values[1:]))[0]])
-    return np.array(rows, np.float64).reshape(-1, 5), problems
-
-
-def parse_label_bytes(
-    data: bytes, source: str, nc: int | None, tol: float = TOLERANCE
-) -> tuple[np.ndarray, list[Problem]]:
-    """:func:`parse_label_text` on raw bytes; UTF-8 (a BOM is allowed), else one problem."""
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        return np.zeros((0, 5)), [Problem(source, data[: exc.start].count(b"\n") + 1, "not UTF-8 text")]
-    return parse_label_text(text, source, nc, tol)
-
-
 def _key_lines(text: str) -> dict[str, int]:
     """1-based line of each top-level key of a YAML mapping (for problem locations)."""
     try:
-        node = yaml.compose(text)
-    except yaml.YAMLError:
+        node = yaml.compose(text, Loader=StrictSafeLoader)
+    except (yaml.YAMLError, RecursionError):
         node = None
     pairs = node.value if isinstance(node, yaml.MappingNode) else []
     return {str(k.value): k.start_mark.line + 1 for k, _ in pairs}
@@ -159,10 +73,10 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(Problem(str(path), None, f"cannot read data.yaml: {exc}")) from None
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise DataError(Problem(str(path), mark and mark.line + 1, f"not valid YAML: {exc}")) from None
+        raw = parse_yaml(text)
+    except yaml.YAMLError as exc:  # a key twice and deep nesting included
+        line, problem = yaml_problem(exc)
+        raise DataError(Problem(str(path), line, f"not valid YAML: {problem}")) from None
     if not isinstance(raw, dict):
         raise DataError(Problem(str(path), None, "must be a mapping with train, val and names"))
     return raw, _key_lines(text)
@@ -189,7 +103,10 @@ def _names(raw: dict[str, Any], where: Where) -> tuple[list[str] | None, list[Pr
         return None, [where("names", f"names[{bad[0]}] is not a string")]
     if nc is not None and nc != len(names):
         return None, [where("nc", f"nc is {nc} but names has {len(names)} entries")]
-    return [str(n) for n in names], []
+    names = [str(n) for n in names]
+    if repeated := repeated_names(names):
+        return None, [where("names", repeated)]
+    return names, []
 
 
 def _list_file(path: Path) -> tuple[list[tuple[Path, str]], list[Problem]]:
@@ -212,23 +129,27 @@ def _list_file(path: Path) -> tuple[list[tuple[Path, str]], list[Problem]]:
 
 
 def _split_images(
-    value: Any, root: Path, key: str, where: Where, sources: list[Path]
+    value: Any, root: Path, key: str, where: Where, draft: Draft, label_roots: list[tuple[Path, bool]]
 ) -> tuple[list[tuple[Path, str]], list[Problem], list[Problem]]:
     """Images of one split entry: (image, listed_at) pairs, fatal problems, dropped records; the
-    folders and list files it reads are added to ``sources``."""
+    folders and list files it reads are added to ``draft.sources``, the label folders worth searching
+    for orphans to ``label_roots``."""
     entries = value if isinstance(value, list) else [value]
     if not entries or not all(isinstance(e, str) and e for e in entries):
         return [], [where(key, f"{key} must be a folder, a .txt list file, or a list of them")], []
     images: list[tuple[Path, str]] = []
     fatal, dropped = [], []
     for entry in entries:
-        path = Path(os.path.normpath(root / entry))
+        path = Path(os.path.normpath(root / os.path.expanduser(entry)))
         if path.is_dir():
-            sources.extend([path, label_path_for(path / "image.jpg").parent])
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            labels = label_path_for(path / "image.jpg").parent
+            found, linked, warnings = walk_images(path)
+            draft.sources.extend([path, labels, *linked])
+            draft.warnings.extend(warnings)
+            label_roots.extend([(labels, True)] if labels != path else [])
             images.extend((p, "") for p in found)
         elif path.is_file() and path.suffix.lower() == ".txt":
-            sources.append(path)
+            draft.sources.append(path)
             listed, problems = _list_file(path)
             images.extend(listed)
             dropped.extend(problems)
@@ -266,40 +187,64 @@ def _candidate(image: Path, listed_at: str, nc: int | None) -> tuple[Candidate, 
                      listed_at=listed_at), found
 
 
-def _add_split(draft: Draft, key: str, value: Any, root: Path, where: Where, origin: str) -> int:
+def _add_split(draft: Draft, key: str, value: Any, root: Path, where: Where, origin: str,
+               label_roots: list[tuple[Path, bool]]) -> int:
     """Add one split's candidates and problems to ``draft``; return how many lack a label file."""
-    images, fatal, dropped = _split_images(value, root, key, where, draft.sources)
+    images, fatal, dropped = _split_images(value, root, key, where, draft, label_roots)
     images, duplicates = _dedupe(images)
+    label_roots.extend((label_path_for(image).parent, False) for image, listed_at in images
+                       if listed_at and label_path_for(image).parent != image.parent)
     draft.fatal.extend(fatal)
     draft.dropped.extend(dropped + duplicates)
     if not images and key != "test" and not fatal:
         draft.fatal.append(where(key, f"{key}: no images found"))
     pairs = [_candidate(image, listed_at, len(draft.names) or None) for image, listed_at in images]
     draft.splits.append(SplitDraft(key, origin, [c for c, _ in pairs]))
+    if pairs and not any(found for _, found in pairs):
+        draft.warnings.append(where(key, f"{key}: none of its {len(pairs)} images has a label file (all import "
+                                    f"as background); labels are looked for at {label_path_for(pairs[0][0].src)}"))
     return sum(not found for _, found in pairs)
 
 
+def _cross_checks(draft: Draft, label_roots: list[tuple[Path, bool]], where: Where, allow_val_equals_train: bool) -> None:
+    """Checks over all splits: shared and orphan label files, val images that are train images."""
+    candidates = [c for split in draft.splits for c in split.candidates]
+    mark_shared_labels(candidates, label_path_for)
+    used = {real_key(label_path_for(c.src)) for c in candidates}
+    draft.warnings.extend(orphan_labels(label_roots, used, draft.sources))
+    by_name = {split.name: [c.src for c in split.candidates] for split in draft.splits}
+    error, warning = split_overlap(by_name.get("train", []), by_name.get("val", []), allow_val_equals_train)
+    draft.fatal.extend([where("val", error)] if error else [])
+    draft.warnings.extend([where("val", warning)] if warning else [])
+
+
 def import_yolo(data_yaml: str | Path, out_dir: str | Path, skip_invalid: bool = False,
-                progress: bool = False, protected: Iterable[Protected] = ()) -> dict[str, Any]:
+                progress: bool = False, protected: Iterable[Protected] = (),
+                allow_val_equals_train: bool = False) -> dict[str, Any]:
     """Import an ultralytics-style YOLO dataset into the canonical form at ``out_dir``.
 
     ``path`` (optional) is relative to the yaml's folder; ``train``, ``val``, ``test`` (optional)
     are relative to it and name an image folder (searched recursively), a ``.txt`` image list
     (lines relative to its folder), or a list of those. Labels follow :func:`label_path_for`;
-    an image without a label file is a background image.
+    an image without a label file is a background image. Linked subfolders are followed, ``~``
+    is expanded.
 
     Args:
-        data_yaml: the data.yaml file (read with ``yaml.safe_load``).
+        data_yaml: the data.yaml file (read with a ``yaml.SafeLoader`` that refuses repeated keys).
         out_dir: canonical dataset root; replaced only when the import succeeds.
         skip_invalid: drop invalid images (listed in ``<out_dir>/invalid.json``) instead of failing.
         progress: show progress bars.
         protected: paths ``out_dir`` must keep clear of (besides the dataset's own files).
+        allow_val_equals_train: accept a val split of exactly the train images (with a warning).
 
     Returns:
-        ``skipped``, ``dropped``, ``ignored_crowd`` (always 0), ``report`` and ``missing_labels``.
+        ``skipped``, ``dropped``, ``ignored_crowd`` (always 0), ``report``, ``missing_labels`` and
+        ``warnings`` (label files no image uses, val images that are train images, a split
+        without any label file, link loops), each ``{"file", "line", "message"}``.
 
     Raises:
-        DataError: listing every problem found (with file and line).
+        DataError: listing every problem found (with file and line): besides bad labels and
+            images, repeated class names, one label file for two images, val equal to train.
     """
     data_yaml = Path(data_yaml).absolute()
     raw, lines = _read_yaml(data_yaml)
@@ -310,16 +255,17 @@ def import_yolo(data_yaml: str | Path, out_dir: str | Path, skip_invalid: bool =
     names, fatal = _names(raw, where)
     root = data_yaml.parent
     if isinstance(raw.get("path"), str):
-        root = Path(os.path.normpath(root / raw["path"]))
+        root = Path(os.path.normpath(root / os.path.expanduser(raw["path"])))
     elif raw.get("path") is not None:
         fatal.append(where("path", "path must be a string"))
     draft = Draft(names or [], [], fatal, sources=[data_yaml])
-    missing = 0
+    missing, label_roots = 0, []
     for key in SPLITS:
         if raw.get(key) is not None:
-            missing += _add_split(draft, key, raw[key], root, where, str(data_yaml))
+            missing += _add_split(draft, key, raw[key], root, where, str(data_yaml), label_roots)
         elif key != "test":
             fatal.append(where(key, f"{key} is missing"))
+    _cross_checks(draft, label_roots, where, allow_val_equals_train)
     return {**finish_import(draft, Path(out_dir), skip_invalid, progress, protected), "missing_labels": missing}
 
 

@@ -5,105 +5,32 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import reprlib
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from slimloop.errors import ConfigError
+from slimloop.io import parse_json
+from slimloop.model.layers import (  # noqa: F401 - the layers are part of this module's interface
+    LAYER_TYPES,
+    BottleneckSpec,
+    C3Spec,
+    ConcatSpec,
+    ConvSpec,
+    DetectSpec,
+    LayerSpec,
+    SpecError,
+    SPPFSpec,
+    UpsampleSpec,
+)
+from slimloop.model.spec_checks import check_spec
+from slimloop.yamlfile import load_yaml_text
 
 FORMAT = "slimloop.ModelSpec"
 VERSION = 1
-
-
-class SpecError(ConfigError, ValueError):
-    """A spec is inconsistent or a spec file is malformed; the message names layer or field.
-
-    ``loc`` is the key path of the offending value (for example ``("layers", 4, "out_chs")``),
-    used to point at a line of a YAML spec file.
-    """
-
-    def __init__(self, message: str, loc: tuple[str | int, ...] = ()):
-        super().__init__(message)
-        self.loc = loc
-
-
-@dataclass(frozen=True)
-class ConvSpec:
-    """Conv2d (no bias) + BatchNorm2d + SiLU."""
-
-    src: tuple[int, ...]
-    out_chs: int
-    kernel: int
-    stride: int
-    padding: int
-    kind: ClassVar[str] = "Conv"
-
-
-@dataclass(frozen=True)
-class BottleneckSpec:
-    """One bottleneck inside a C3: 1x1 conv to ``hidden_chs``, 3x3 conv to ``out_chs``."""
-
-    hidden_chs: int
-    out_chs: int
-
-
-@dataclass(frozen=True)
-class C3Spec:
-    """CSP block: cv3(concat(m(cv1(x)), cv2(x))); ``hidden_chs`` is cv1's out, ``skip_chs`` cv2's."""
-
-    src: tuple[int, ...]
-    hidden_chs: int
-    skip_chs: int
-    bottlenecks: tuple[BottleneckSpec, ...]
-    out_chs: int
-    shortcut: bool
-    kind: ClassVar[str] = "C3"
-
-
-@dataclass(frozen=True)
-class SPPFSpec:
-    """Spatial pyramid pooling (fast): cv1 to ``hidden_chs``, three max-pools, cv2 to ``out_chs``."""
-
-    src: tuple[int, ...]
-    hidden_chs: int
-    out_chs: int
-    kernel: int = 5
-    kind: ClassVar[str] = "SPPF"
-
-
-@dataclass(frozen=True)
-class UpsampleSpec:
-    """Nearest-neighbour upsampling by an integer ``scale``."""
-
-    src: tuple[int, ...]
-    scale: int = 2
-    kind: ClassVar[str] = "Upsample"
-
-
-@dataclass(frozen=True)
-class ConcatSpec:
-    """Channel concatenation of two or more layers of equal stride."""
-
-    src: tuple[int, ...]
-    kind: ClassVar[str] = "Concat"
-
-
-LayerSpec = ConvSpec | C3Spec | SPPFSpec | UpsampleSpec | ConcatSpec
-LAYER_TYPES: dict[str, type] = {c.kind: c for c in (ConvSpec, C3Spec, SPPFSpec, UpsampleSpec, ConcatSpec)}
-
-
-@dataclass(frozen=True)
-class DetectSpec:
-    """The head: one 1x1 conv per level; anchors in input pixels, ``(levels, na, 2)`` as (w, h)."""
-
-    src: tuple[int, ...]
-    nc: int
-    names: tuple[str, ...]
-    anchors: tuple[tuple[tuple[float, float], ...], ...]
-    strides: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -132,7 +59,7 @@ class ModelSpec:
     name: str = "custom"
 
     def __post_init__(self) -> None:
-        _check_spec(self)
+        check_spec(self)
 
     def sources(self, i: int) -> tuple[int, ...]:
         """Absolute indices of layer ``i``'s inputs (``-1`` is the image); ``i = len(layers)`` is Detect."""
@@ -171,101 +98,9 @@ class ModelSpec:
             raise SpecError(f"format: expected {FORMAT!r}", ("format",))
         version = data.pop("version", VERSION)
         if version != VERSION:
-            raise SpecError(f"version: unsupported spec version {version!r} (expected {VERSION})", ("version",))
+            raise SpecError(f"version: unsupported spec version {reprlib.repr(version)} (expected {VERSION})",
+                            ("version",))
         return _from_mapping(cls, data, ())
-
-
-def _need(ok: bool, where: str, message: str, loc: tuple[str | int, ...]) -> None:
-    if not ok:
-        raise SpecError(f"{where}: {message}", loc)
-
-
-def _ints(where: str, loc: tuple[str | int, ...], low: int = 1, **values: Any) -> None:
-    for key, v in values.items():
-        ok = isinstance(v, int) and not isinstance(v, bool) and v >= low
-        _need(ok, where, f"{key} must be an int >= {low}, got {v!r}", loc + (key,))
-
-
-def _check_block(layer: Any, down: int, where: str, loc: tuple[str | int, ...]) -> int:
-    """Validate one non-Concat layer; return its down-sampling factor."""
-    if isinstance(layer, ConvSpec):
-        _ints(where, loc, out_chs=layer.out_chs, kernel=layer.kernel, stride=layer.stride)
-        _ints(where, loc, low=0, padding=layer.padding)
-        k, s, p = layer.kernel, layer.stride, layer.padding
-        # output side is exactly input / stride (for inputs divisible by stride) iff k - s <= 2p < k
-        _need(k - s <= 2 * p < k, where, f"kernel {k}, stride {s}, padding {p} does not give "
-              "output size = input size / stride", loc + ("padding",))
-        return down * s
-    if isinstance(layer, C3Spec):
-        _ints(where, loc, hidden_chs=layer.hidden_chs, skip_chs=layer.skip_chs, out_chs=layer.out_chs)
-        _need(isinstance(layer.shortcut, bool), where, "shortcut must be a bool", loc + ("shortcut",))
-        for j, b in enumerate(layer.bottlenecks):
-            bloc = loc + ("bottlenecks", j)
-            _ints(f"{where} bottleneck {j}", bloc, hidden_chs=b.hidden_chs, out_chs=b.out_chs)
-            _need(not layer.shortcut or b.out_chs == layer.hidden_chs, where,
-                  f"shortcut=True adds each bottleneck's input to its output, so every bottleneck's "
-                  f"out_chs must equal hidden_chs (cv1 out) {layer.hidden_chs}, but bottleneck {j} "
-                  f"has out_chs {b.out_chs}", bloc + ("out_chs",))
-        return down
-    if isinstance(layer, SPPFSpec):
-        _ints(where, loc, hidden_chs=layer.hidden_chs, out_chs=layer.out_chs, kernel=layer.kernel)
-        _need(layer.kernel % 2 == 1, where, f"kernel must be odd, got {layer.kernel}", loc + ("kernel",))
-        return down
-    if isinstance(layer, UpsampleSpec):
-        _ints(where, loc, scale=layer.scale)
-        _need(down % layer.scale == 0, where, f"cannot upsample stride {down} by {layer.scale}",
-              loc + ("scale",))
-        return down // layer.scale
-    raise SpecError(f"{where}: not a layer spec: {type(layer).__name__}", loc)
-
-
-def _check_sources(spec: ModelSpec, i: int, where: str, loc: tuple[str | int, ...]) -> tuple[int, ...]:
-    src = spec.detect.src if i == len(spec.layers) else spec.layers[i].src
-    _need(isinstance(src, tuple) and len(src) > 0, where, "src must be a non-empty tuple", loc)
-    for s in src:
-        _ints(where, loc, low=-(i + 1), src=s)
-        _need(s < i, where, f"src {s} does not refer to an earlier layer", loc + ("src",))
-    return spec.sources(i)
-
-
-def _check_detect(spec: ModelSpec, downs: list[int]) -> None:
-    d, where, loc = spec.detect, "detect", ("detect",)
-    srcs = _check_sources(spec, len(spec.layers), where, loc)
-    _ints(where, loc, nc=d.nc)
-    _need(len(d.names) == d.nc and all(isinstance(n, str) for n in d.names), where,
-          f"names must be {d.nc} strings (one per class), got {d.names!r}", loc + ("names",))
-    nl = len(srcs)
-    _need(len(d.anchors) == nl and len(d.strides) == nl, where,
-          f"{nl} levels in src but {len(d.anchors)} anchor levels and {len(d.strides)} strides", loc)
-    _need(len(d.anchors[0]) >= 1 and all(len(a) == len(d.anchors[0]) for a in d.anchors), where,
-          "every level needs the same number (>= 1) of anchors", loc + ("anchors",))
-    for a in (wh for level in d.anchors for wh in level):
-        ok = len(a) == 2 and all(isinstance(v, int | float) and v > 0 and math.isfinite(v) for v in a)
-        _need(ok, where, f"an anchor must be a positive (w, h) pair, got {a!r}", loc + ("anchors",))
-    for k, (j, stride) in enumerate(zip(srcs, d.strides, strict=True)):
-        _ints(where, loc, strides=stride)
-        _need(downs[j] == stride, where, f"level {k} reads layer {j} at stride {downs[j]}, "
-              f"but strides[{k}] is {stride}", loc + ("strides", k))
-
-
-def _check_spec(spec: ModelSpec) -> None:
-    """Validate routing, widths, strides and the head; raise SpecError naming the layer."""
-    _ints("spec", (), in_chs=spec.in_chs)
-    _need(isinstance(spec.layers, tuple) and len(spec.layers) > 0, "spec", "layers must be a "
-          "non-empty tuple", ("layers",))
-    downs: list[int] = []
-    for i, layer in enumerate(spec.layers):
-        where, loc = f"layer {i} ({getattr(layer, 'kind', type(layer).__name__)})", ("layers", i)
-        srcs = _check_sources(spec, i, where, loc)
-        ins = [1 if j < 0 else downs[j] for j in srcs]
-        if isinstance(layer, ConcatSpec):
-            _need(len(srcs) >= 2, where, "Concat needs at least two inputs", loc + ("src",))
-            _need(len(set(ins)) == 1, where, f"inputs {srcs} have different strides {ins}", loc + ("src",))
-            downs.append(ins[0])
-        else:
-            _need(len(srcs) == 1, where, "needs exactly one input", loc + ("src",))
-            downs.append(_check_block(layer, ins[0], where, loc))
-    _check_detect(spec, downs)
 
 
 def _to_plain(obj: Any) -> Any:
@@ -296,7 +131,7 @@ def _scalar(tp: Any, value: Any, loc: tuple[str | int, ...]) -> Any:
     if ok is None:
         raise TypeError(f"unsupported spec field type {tp!r}")
     if not ok:
-        raise SpecError(f"{_where(loc)}: expected {tp.__name__}, got {type(value).__name__} {value!r}", loc)
+        raise SpecError(f"{_where(loc)}: expected {tp.__name__}, got {type(value).__name__} {reprlib.repr(value)}", loc)
     if tp is float:
         if not math.isfinite(value):
             raise SpecError(f"{_where(loc)}: expected a finite number, got {value!r}", loc)
@@ -310,14 +145,14 @@ def _convert(tp: Any, value: Any, loc: tuple[str | int, ...]) -> Any:
     origin, args = get_origin(tp), get_args(tp)
     if origin in (Union, types.UnionType):  # only the layer union: dispatch on "type"
         kind = value.get("type") if isinstance(value, Mapping) else None
-        if kind not in LAYER_TYPES:
+        if not isinstance(kind, str) or kind not in LAYER_TYPES:
             raise SpecError(
-                f"{_where(loc + ('type',))}: unknown layer type {kind!r}; "
+                f"{_where(loc + ('type',))}: unknown layer type {reprlib.repr(kind)}; "
                 f"expected one of {', '.join(LAYER_TYPES)}", loc + ("type",))
         return _from_mapping(LAYER_TYPES[kind], value, loc)
     if origin is tuple:
         if not isinstance(value, list | tuple):
-            raise SpecError(f"{_where(loc)}: expected a list, got {type(value).__name__} {value!r}", loc)
+            raise SpecError(f"{_where(loc)}: expected a list, got {type(value).__name__} {reprlib.repr(value)}", loc)
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_convert(args[0], v, loc + (k,)) for k, v in enumerate(value))
         if len(value) != len(args):
@@ -328,14 +163,15 @@ def _convert(tp: Any, value: Any, loc: tuple[str | int, ...]) -> Any:
 
 def _from_mapping(cls: type, data: Any, loc: tuple[str | int, ...]) -> Any:
     if not isinstance(data, Mapping):
-        raise SpecError(f"{_where(loc)}: expected a mapping, got {type(data).__name__} {data!r}", loc)
+        raise SpecError(f"{_where(loc)}: expected a mapping, got {type(data).__name__} {reprlib.repr(data)}", loc)
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     allowed = set(fields) | ({"type"} if hasattr(cls, "kind") else set())
     unknown = sorted(str(k) for k in data if k not in allowed)
     if unknown:
         raise SpecError(
-            f"{_where(loc)}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}", loc)
+            f"{_where(loc)}: unknown key(s) {', '.join(k[:40] for k in unknown[:5])}"
+            f"{', ...' if len(unknown) > 5 else ''}; allowed: {', '.join(sorted(allowed))}", loc)
     missing = [n for n, f in fields.items() if n not in data
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
@@ -349,17 +185,13 @@ def spec_to_json(spec: ModelSpec, indent: int | None = 2) -> str:
     return json.dumps(spec.to_dict(), indent=indent, allow_nan=False)
 
 
-def spec_from_json(text: str) -> ModelSpec:
-    """Parse JSON text made by ``spec_to_json``.
+def spec_from_json(text: str, source: str = "spec JSON") -> ModelSpec:
+    """Parse JSON text made by ``spec_to_json``; ``source`` names it in errors.
 
     Raises:
-        SpecError: not JSON (with its line), or an invalid spec.
+        SpecError: not JSON (with its line), nested too deeply, or an invalid spec.
     """
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise SpecError(f"line {exc.lineno}: not valid JSON: {exc.msg}") from None
-    return ModelSpec.from_dict(data)
+    return ModelSpec.from_dict(parse_json(text, source, SpecError))
 
 
 def spec_to_yaml(spec: ModelSpec) -> str:
@@ -367,15 +199,11 @@ def spec_to_yaml(spec: ModelSpec) -> str:
     return yaml.safe_dump(spec.to_dict(), sort_keys=False, default_flow_style=None, width=100)
 
 
-def spec_from_yaml(text: str) -> ModelSpec:
-    """Parse YAML text made by ``spec_to_yaml`` (or written by hand).
+def spec_from_yaml(text: str, source: str = "spec YAML") -> ModelSpec:
+    """Parse YAML text made by ``spec_to_yaml`` (or written by hand); ``source`` names it in errors.
 
     Raises:
-        SpecError: not YAML, or an invalid spec.
+        SpecError: not YAML (with its line), a key given twice, nested too deeply, or an invalid spec.
     """
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise SpecError(f"not valid YAML: {exc}") from None
-    return ModelSpec.from_dict(data)
+    return ModelSpec.from_dict(load_yaml_text(text, source, SpecError))
 

@@ -4,16 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from slimloop.io import read_text_file, write_text_atomic
-from slimloop.model.spec import (
-    ModelSpec,
-    SpecError,
-    spec_from_json,
-    spec_from_yaml,
-    spec_to_json,
-    spec_to_yaml,
-)
-from slimloop.yamlfile import _key_line  # YAML key path -> line, shared with params.yaml errors
+from slimloop.io import parse_json, read_text_file, write_text_atomic
+from slimloop.model.spec import ModelSpec, SpecError, spec_to_json, spec_to_yaml
+from slimloop.yamlfile import _key_line, load_yaml_text  # _key_line: shared with params.yaml
 
 
 def _format(path: Path) -> str:
@@ -35,14 +28,16 @@ def load_spec(path: str | Path) -> ModelSpec:
     """Read a spec file written by ``save_spec`` (or by hand).
 
     Raises:
-        SpecError: unreadable file, unknown extension, or an invalid spec; the message starts
-            with ``file:line`` where the line is known.
+        SpecError: unreadable file, unknown extension, not JSON/YAML, a key given twice, nested too
+            deeply, or an invalid spec (too large included); the message starts with ``file:line``
+            where the line is known.
     """
     path = Path(path)
     fmt = _format(path)
     text = read_text_file(path, "spec file", SpecError)
+    data = parse_json(text, str(path), SpecError) if fmt == "json" else load_yaml_text(text, str(path), SpecError)
     try:
-        return spec_from_json(text) if fmt == "json" else spec_from_yaml(text)
+        return ModelSpec.from_dict(data)
     except SpecError as exc:
         line = _key_line(text, exc.loc) if fmt == "yaml" and exc.loc else None
         where = f"{path}:{line}" if line else str(path)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from slimloop.io import read_stage_json
+from slimloop.records import Baseline, Control, Final, Iteration, Sweep
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ class ReportInputs:
 def _control(path: Path) -> tuple[dict[str, Any] | None, str]:
     if not path.exists():
         return None, f"{path} does not exist"
-    record = read_stage_json(path, "control")
+    record = read_stage_json(path, "control", Control)
     if not record.get("enabled", True) or "map" not in record:
         return None, "`control.enabled` is false"
     return record, ""
@@ -41,15 +42,17 @@ def load_inputs(metrics_dir: Path) -> ReportInputs:
         metrics_dir: the metrics folder the earlier stages wrote.
 
     Raises:
-        ConfigError: ``baseline.json`` or ``final.json`` is missing, or any file present is unreadable.
+        ConfigError: ``baseline.json`` or ``final.json`` is missing, or any file present is unreadable,
+            not JSON, or lacks a key (or has a value of another type) the report relies on.
     """
     metrics_dir = Path(metrics_dir)
-    baseline = read_stage_json(metrics_dir / "baseline.json", "baseline")
-    final = read_stage_json(metrics_dir / "final.json", "compress")
-    files = sorted((metrics_dir / "iterations").glob("iter_*.json"), key=lambda p: int(p.stem.split("_")[1]))
-    iterations = [read_stage_json(p, "compress") for p in files]
+    baseline = read_stage_json(metrics_dir / "baseline.json", "baseline", Baseline)
+    final = read_stage_json(metrics_dir / "final.json", "compress", Final)
+    files = sorted((p for p in (metrics_dir / "iterations").glob("iter_*.json") if p.stem[5:].isdigit()),
+                   key=lambda p: int(p.stem[5:]))
+    iterations = [read_stage_json(p, "compress", Iteration) for p in files]
     sweep_path = metrics_dir / "imgsz_sweep.json"
-    sweep = read_stage_json(sweep_path, "compress")["rows"] if sweep_path.exists() else []
+    sweep = read_stage_json(sweep_path, "compress", Sweep)["rows"] if sweep_path.exists() else []
     control, note = _control(metrics_dir / "control.json")
     return ReportInputs(baseline, iterations, final, control, note, sweep)
 

@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import json
+import logging
 import os
 import re
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from slimloop.errors import ConfigError
-from slimloop.io import write_json_atomic
+from slimloop.io import check_schema, make_dir, read_json_file, write_json_atomic, write_text_atomic
+from slimloop.records import StepManifest
 
 ENV_STORE = "SLIMLOOP_CACHE"
+log = logging.getLogger(__name__)
 
 
 def store_dir() -> Path:
@@ -56,15 +60,34 @@ def open_store(root: Path | None = None) -> Path:
         raise ConfigError(f"{ENV_STORE}={root}: this folder is not a slimloop step store (it holds "
                           f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''} and no {STORE_MARKER}); "
                           "point it at an empty or new folder")
-    root.mkdir(parents=True, exist_ok=True)
-    (root / STORE_MARKER).write_text("slimloop step store: python -m flows.store size | prune\n", encoding="utf-8")
+    make_dir(root)
+    write_text_atomic(root / STORE_MARKER, "slimloop step store: python -m flows.store size | prune\n")
     return root
 
 
-def files_present(out: dict[str, Any]) -> bool:
-    """Whether the checkpoint and every absolute path among the extras of a manifest ``out`` exist."""
+def files_present(out: Any) -> bool:
+    """Whether ``out`` is a step manifest (see :class:`slimloop.records.StepManifest`) whose checkpoint
+    and absolute paths among the extras all exist; anything else (a damaged cache record) is False."""
+    try:
+        StepManifest.model_validate(out, strict=True)
+    except ValidationError:
+        return False
     paths = [out["checkpoint"]] + [v for v in out["extra"].values() if isinstance(v, str) and v.startswith("/")]
     return all(Path(p).exists() for p in paths)
+
+
+def read_manifest(path: Path) -> dict[str, Any] | None:
+    """The manifest at ``path``, or None when it is missing; a truncated, unreadable or malformed one
+    is logged and read as None too, so the step runs again and writes it anew."""
+    if not path.exists():
+        return None
+    try:
+        out = read_json_file(path, "step manifest")
+        check_schema(out, StepManifest, str(path), "step manifest")
+    except ConfigError as exc:
+        log.warning("step store: %s; the step runs again", exc)
+        return None
+    return out
 
 
 def run_stored_step(name: str, fn: str, kwargs: dict[str, Any], key: str) -> dict[str, Any]:
@@ -73,14 +96,14 @@ def run_stored_step(name: str, fn: str, kwargs: dict[str, Any], key: str) -> dic
     An entry counts only when its manifest (written last, atomically) exists and every file it
     names is present; otherwise the step runs again in the same folder (training resumes from its
     ``last`` checkpoint there). A hit touches the folder, so ``flows.store prune`` keeps entries in use.
+    A manifest that is truncated or not a manifest is a miss (logged), never an error.
     """
     out_dir = store_dir() / key
     manifest = out_dir / MANIFEST
-    if manifest.exists():
-        out = json.loads(manifest.read_text())
-        if files_present(out):
-            os.utime(out_dir)
-            return out
+    out = read_manifest(manifest)
+    if out is not None and files_present(out):
+        os.utime(out_dir)
+        return out
     module, _, attr = fn.rpartition(".")
     step = getattr(importlib.import_module(module), attr)
     if "out_dir" in inspect.signature(step).parameters:  # evaluate_step writes nothing

@@ -3,7 +3,6 @@ nothing used lately, and remove it without ever following a link out of the stor
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import stat
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from slimloop.errors import SlimloopError
+from slimloop.io import load_json_text
 from slimloop.store.entries import ENV_STORE, KEY, MANIFEST, STORE_MARKER
 
 RESULTS, WORK = "results", "work"
@@ -117,8 +117,8 @@ def referenced_keys(metrics_dirs: list[Path]) -> set[str]:
             if not path.is_file():
                 continue
             try:
-                obj = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as exc:
+                obj = load_json_text(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:  # JSONTextError and UnicodeDecodeError are ValueErrors
                 raise StoreError(f"cannot read references from {path}: {exc}") from None
             for text in _strings(obj):
                 keys.update(part for part in Path(text).parts if KEY.fullmatch(part))
