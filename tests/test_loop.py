@@ -28,7 +28,7 @@ from slimloop.model import build_model, conv_widths
 from slimloop.profile import gflops
 from slimloop.train import TrainHooks, seed_everything, train
 
-BASE = {"map": 0.50, "gflops": 10.0, "params": 1000, "latency_ms": 20.0}
+BASE = {"map": 0.50, "gflops": 10.0, "params": 1000, "latency_quick_ms": 20.0}
 
 
 @pytest.fixture(autouse=True)
@@ -37,7 +37,7 @@ def _one_thread():
 
 
 def rec(map_, gflops_, params=None, latency=None):
-    return {"map": map_, "gflops": gflops_, "params": params or int(gflops_ * 100), "latency_ms": latency or 2 * gflops_}
+    return {"map": map_, "gflops": gflops_, "params": params or int(gflops_ * 100), "latency_quick_ms": latency or 2 * gflops_}
 
 
 def test_tolerance_exceeded_rolls_back_to_previous():
