@@ -28,6 +28,7 @@ def control_flow(params: Params, baseline_dir: Path = BASELINE, out_dir: Path = 
                  metrics_dir: Path = METRICS, progress: bool = True) -> dict:
     """Train and measure the control; write ``metrics_dir/control.json``."""
     from slimloop.compress.control import train_control
+    from slimloop.deploy.catalogue import export_catalogue
 
     metrics = metrics_dir / "control.json"
     if not params.control.enabled:
@@ -40,6 +41,7 @@ def control_flow(params: Params, baseline_dir: Path = BASELINE, out_dir: Path = 
     record = train_control(baseline_dir / "best.safetensors", target, imgsz, params, control_epochs(params, final),
                            Path(params.data.out_dir), out_dir, progress=progress)
     record = {"enabled": True, **record}
+    export_catalogue([("control", Path(record["checkpoint"]), imgsz)], out_dir / "onnx", "control")
     write_json_atomic(metrics, record)
     return record
 

@@ -189,10 +189,11 @@ def _iteration(ctx: _Context, k: int, current: Path, masks: list[Path]) -> tuple
     widths = {name: conv_widths(load_checkpoint(ckpt).spec)
               for name, ckpt in (("before", sparse.checkpoint), ("pruned", pruned.checkpoint),
                                  ("padded", padded.checkpoint))}
-    steps = {"sparse": sparse.record, "pruned": pruned.record, "padded": padded.record,
-             "retrained": retrained.record, "distilled": distilled.record if distilled else None}
+    results = {"sparse": sparse, "pruned": pruned, "padded": padded, "retrained": retrained, "distilled": distilled}
+    steps = {name: r.record if r else None for name, r in results.items()}
     return {"iteration": k, "steps": steps, "final_step": "distilled" if distilled else "retrained",
             "spec": spec.to_dict(), "checkpoint": str(final.checkpoint),
+            "checkpoints": {name: str(r.checkpoint) for name, r in results.items() if r},
             "kept_fraction": round(kept_fraction(base_spec, spec), 6), "epochs": epochs, "widths": widths,
             "gamma_histogram": sparse.extra.get("histogram", [])}, final.checkpoint
 
@@ -287,6 +288,7 @@ def run_loop(baseline_ckpt: Path, baseline_record: dict[str, Any], params: Param
     if retrained is not None:
         step, info = retrained
         iterations[best - 1]["steps"]["final_retrain"] = step.record
+        iterations[best - 1].setdefault("checkpoints", {})["final_retrain"] = str(step.checkpoint)
         result = replace(result, final_checkpoint=step.checkpoint, final_record=step.record,
                          loop_record=final_record, final_retrain=info)
     return result

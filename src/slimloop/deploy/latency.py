@@ -199,3 +199,16 @@ def lookup(table: Mapping[str, Any], runtime: str | None = None) -> dict[str, di
     """name -> row of a ``latency.json`` table (the target runtime's unless ``runtime`` is given)."""
     source = table["tables"][runtime] if runtime else table
     return {row["name"]: row for row in source.get("rows", [])}
+
+
+def format_text(table: Mapping[str, Any]) -> str:
+    """A plain-text view of one runtime's table: median, IQR, range of round medians, speed-up and its range."""
+    lines = [f"{table['runtime_name']} ({table['provider']}), {table['threads']} thread(s), "
+             f"{table['rounds']} rounds x {table['runs']} runs, interleaved",
+             f"{'model':<28} {'median ms':>10} {'IQR ms':>17} {'rounds ms':>17} {'speed-up':>22}"]
+    for row in table["rows"]:
+        ratio = (f"{row['speedup']:.2f}x [{row['speedup_min']:.2f}-{row['speedup_max']:.2f}]"
+                 if "speedup" in row else "")
+        lines.append(f"{row['name']:<28} {row['median_ms']:>10.3f} {row['iqr_ms'][0]:>8.3f}-{row['iqr_ms'][1]:<8.3f} "
+                     f"{row['round_min_ms']:>8.3f}-{row['round_max_ms']:<8.3f} {ratio:>22}")
+    return "\n".join(lines)
