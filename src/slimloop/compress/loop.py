@@ -162,6 +162,15 @@ def _retrain_kwargs(ctx: _Context, k: int, ckpt: Path, masks: list[Path], teache
     return kwargs
 
 
+def _auto_pad_kwargs(p: Params) -> dict[str, Any]:
+    """``pad.multiple: auto`` measures: the latency params and the machine enter the pad step's key."""
+    if p.pad.multiple != "auto":
+        return {}
+    from slimloop.deploy.latency import machine_fingerprint
+
+    return {"latency": p.latency, "machine": machine_fingerprint(p.latency)}
+
+
 def _iteration(ctx: _Context, k: int, current: Path, masks: list[Path]) -> tuple[dict[str, Any], Path]:
     """Run iteration ``k`` from ``current``; ``masks`` (iterations 1..k-1) gains this one's masks."""
     p, run, out = ctx.params, ctx.run_step, ctx.work_dir / f"iter_{k}"
@@ -173,7 +182,7 @@ def _iteration(ctx: _Context, k: int, current: Path, masks: list[Path]) -> tuple
         ckpt=sparse.checkpoint, prune=loop_prune_params(p.prune, p.compress), out_dir=out / "prune", **common))
     padded = run("pad", pad_step, dict(
         ckpt=sparse.checkpoint, masks=Path(pruned.extra["masks"]), pad=p.pad, recalibrate=p.prune.recalibrate,
-        out_dir=out / "pad", **common))
+        out_dir=out / "pad", **_auto_pad_kwargs(p), **common))
     masks.append(Path(padded.extra["masks"]))
     teacher = (Lineage(ctx.baseline_ckpt, tuple(masks)) if p.distill.teacher == "baseline"
                else Lineage(current, (masks[-1],)))

@@ -212,3 +212,12 @@ def format_text(table: Mapping[str, Any]) -> str:
         lines.append(f"{row['name']:<28} {row['median_ms']:>10.3f} {row['iqr_ms'][0]:>8.3f}-{row['iqr_ms'][1]:<8.3f} "
                      f"{row['round_min_ms']:>8.3f}-{row['round_max_ms']:<8.3f} {ratio:>22}")
     return "\n".join(lines)
+
+
+def machine_fingerprint(params: LatencyParams) -> dict[str, Any]:
+    """What a measured choice depends on: the CPU and its flags, the usable CPUs, the runtime versions,
+    the threads and the runtimes measured (a step keyed by it is served again only on such a machine)."""
+    info = cpu_info()
+    return {"cpu": info["cpu"], "flags": info["flags"], "machine": info["machine"], "usable_cpus": info["usable_cpus"],
+            "versions": runtime_versions(), "threads": params.threads or default_threads(),
+            "runtimes": [params.runtime, *params.compare]}

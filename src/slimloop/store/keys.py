@@ -20,6 +20,7 @@ CODE_MODULES = (
     "slimloop.checkpoint", "slimloop.evaluate", "slimloop.profile", "slimloop.measure",
     "slimloop.postprocess", "slimloop.model.spec", "slimloop.model.build", "slimloop.model.blocks",
     "slimloop.model.loss", "slimloop.data.dataset", "slimloop.data.augment",
+    "slimloop.deploy.export", "slimloop.deploy.runtimes", "slimloop.deploy.latency",
 )
 IGNORED_KWARGS = ("out_dir", "progress")
 
