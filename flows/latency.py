@@ -50,19 +50,24 @@ def board_measure(paths: list[Path], latency, baseline: str | None, out: Path | 
 
 
 def _latency_params(args):
+    from pydantic import ValidationError
+
     from slimloop.config import LatencyParams, load_params
+    from slimloop.errors import ConfigError
 
     base = load_params(args.params).latency if args.params.exists() or not args.models else LatencyParams()
     update = {k: getattr(args, k) for k in ("runtime", "rounds", "runs", "warmup", "threads")
               if getattr(args, k) is not None}
     if args.compare is not None:
         update["compare"] = args.compare
-    return LatencyParams.model_validate({**base.model_dump(), **update})
+    try:
+        return LatencyParams.model_validate({**base.model_dump(), **update})
+    except ValidationError as exc:
+        problems = "; ".join(f"--{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(problems) from None
 
 
 def main(argv: list[str] | None = None) -> int:
-    from slimloop.deploy.latency import format_text
-
     parser = base_parser(__doc__)
     parser.add_argument("--models", type=Path, nargs="+", help="measure these files instead of the pipeline's")
     parser.add_argument("--baseline", help="with --models: the name (file stem) speed-ups divide by (default: the first)")
@@ -73,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("rounds", "runs", "warmup", "threads"):
         parser.add_argument(f"--{name}", type=int, help=f"latency.{name} (default: params file, else built-in)")
     args = parser.parse_args(argv)
+    from slimloop.deploy.latency import format_text
+
     latency = _latency_params(args)
     if args.models:
         table = board_measure(args.models, latency, args.baseline, args.out)

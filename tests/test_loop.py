@@ -88,7 +88,7 @@ def test_params_sections_validate_and_name_keys():
     with pytest.raises(ValueError, match="exactly one of ratio and threshold"):
         PruneParams(ratio=0.3, threshold=0.1)
     with pytest.raises(ValueError, match="multiple"):
-        Params.model_validate({"pad": {"multiple": 4}})
+        Params.model_validate({"pad": {"multiple": 3}})
     with pytest.raises(ValueError, match="compress.step_ratio"):
         Params.model_validate({"compress": {"step_ratio": 1.0}})
     with pytest.raises(ValueError, match="target.gflops_ratio"):

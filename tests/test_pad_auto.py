@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.conftest import TINY_EVAL, randomize_bn
 
 from slimloop.checkpoint import save_checkpoint
 from slimloop.compress.groups import topology
@@ -12,7 +13,6 @@ from slimloop.compress.prune import gamma_scores, select_channels
 from slimloop.compress.steps import save_masks
 from slimloop.config import PAD_CANDIDATES, LatencyParams, PadParams, Params
 from slimloop.model import build_model, conv_widths
-from tests.conftest import TINY_EVAL, randomize_bn
 
 
 def _candidate(multiple: int, ms: float, within: bool = True) -> dict:

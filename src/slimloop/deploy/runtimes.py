@@ -57,7 +57,7 @@ def _static_shape(shape: list[Any]) -> tuple[int, ...]:
     return tuple(d if isinstance(d, int) and d > 0 else 1 for d in shape)
 
 
-def ort_session_options(threads: int | None):
+def ort_session_options(threads: int | None, denormals_as_zero: bool = True):
     """ONNX Runtime session options: all graph optimizations, ``threads`` intra-op threads and one
     inter-op thread (sequential execution), denormals treated as zero (``session.set_denormal_as_zero``:
     subnormal values left by sparse training, or made when BN is folded into a convolution, would
@@ -70,7 +70,8 @@ def ort_session_options(threads: int | None):
     opts.inter_op_num_threads = 1
     if threads is not None:
         opts.intra_op_num_threads = threads
-    opts.add_session_config_entry("session.set_denormal_as_zero", "1")
+    if denormals_as_zero:  # False only in benchmarks/bench_denormal.py, to show what it prevents
+        opts.add_session_config_entry("session.set_denormal_as_zero", "1")
     opts.log_severity_level = 3  # errors only: optimizer notes would drown the stage's output
     return opts
 
@@ -84,13 +85,15 @@ def _check_provider(provider: str, runtime: str) -> None:
             f"{', '.join(ort.get_available_providers())}); install onnxruntime-gpu on a machine with a GPU")
 
 
-def ort_runner(path: str | Path, threads: int | None, runtime: str = "onnxruntime", seed: int = 0) -> Runner:
+def ort_runner(path: str | Path, threads: int | None, runtime: str = "onnxruntime", seed: int = 0,
+               denormals_as_zero: bool = True) -> Runner:
     """A :class:`Runner` for ONNX Runtime with IOBinding: input and outputs bound once, on the device."""
     import onnxruntime as ort
 
     provider = ORT_PROVIDERS[runtime]
     _check_provider(provider, runtime)
-    sess = ort.InferenceSession(str(path), sess_options=ort_session_options(threads), providers=[provider])
+    sess = ort.InferenceSession(str(path), sess_options=ort_session_options(threads, denormals_as_zero),
+                                providers=[provider])
     inp = sess.get_inputs()[0]
     shape = _static_shape(inp.shape)
     x = np.random.default_rng(seed).random(shape, dtype=np.float32)  # (1, 3, H, W)
