@@ -49,3 +49,17 @@ def test_torch_timing_flushes_denormals_and_restores(tiny_spec):
 
     assert latency_torch_ms(build_model(tiny_spec), 64, runs=1, warmup=0, threads=1) > 0
     assert torch.tensor([TINY / 8], dtype=torch.float32).item() != 0  # flush mode switched off again
+
+
+def test_a_measurement_leaves_no_flush_to_zero_behind(tmp_path, tiny_spec):
+    """ONNX Runtime's denormal-as-zero sets FTZ on the calling thread; the next training step must not inherit it."""
+    from slimloop.config import LatencyParams
+    from slimloop.deploy.latency import measure_files
+    from slimloop.profile import latency_onnx_ms
+
+    path = export_onnx(build_model(tiny_spec), tmp_path / "m.onnx", 64)
+    subnormal = torch.tensor([TINY / 8], dtype=torch.float32)
+    measure_files({"m": path}, "onnxruntime", LatencyParams(rounds=1, runs=1, warmup=0, threads=1))
+    assert (subnormal * 1.0).item() != 0
+    latency_onnx_ms(path, 64, runs=1, warmup=0, threads=1)
+    assert (subnormal * 1.0).item() != 0

@@ -127,12 +127,15 @@ def latency_onnx_ms(
         The median time of one run.
     """
     from slimloop.deploy.latency import time_side_by_side
-    from slimloop.deploy.runtimes import ort_runner
+    from slimloop.deploy.runtimes import ort_runner, restore_denormals
 
     runner = ort_runner(onnx_path, threads)
     if runner.input_shape[-2:] != (imgsz, imgsz):
         raise ValueError(f"{onnx_path} takes {runner.input_shape}, not {imgsz} px")
-    return time_side_by_side({"model": runner.run}, rounds=1, runs=runs, warmup=warmup)["model"].median_ms
+    try:
+        return time_side_by_side({"model": runner.run}, rounds=1, runs=runs, warmup=warmup)["model"].median_ms
+    finally:
+        restore_denormals()
 
 
 def profile(

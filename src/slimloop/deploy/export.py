@@ -174,6 +174,9 @@ def check_onnx(
     if any(isinstance(d, int) and d != n for d, n in zip(declared, x.shape, strict=True)):
         raise SlimloopError(f"{onnx_path}: ONNX input shape {declared} cannot take {tuple(x.shape)}")
     got = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
+    from slimloop.deploy.runtimes import restore_denormals
+
+    restore_denormals()
     if got.shape != expected.shape:
         raise SlimloopError(f"{onnx_path}: ONNX output shape {got.shape} != torch {expected.shape}")
     diff = float(np.abs(got - expected).max()) if got.size else 0.0

@@ -18,6 +18,7 @@ from slimloop.deploy.runtimes import (
     Runner,
     default_threads,
     load_runner,
+    restore_denormals,
     runtime_versions,
 )
 
@@ -164,9 +165,12 @@ def measure_files(files: Mapping[str, Path], runtime: str, params: LatencyParams
     threads = params.threads or default_threads()
     digests = {n: file_digest(p) for n, p in files.items()}
     unique = list(dict.fromkeys(digests.values()))  # one runner per distinct file, first name's order
-    runners = {d: loader(runtime, files[next(n for n in files if digests[n] == d)], threads) for d in unique}
-    timings = time_side_by_side({d: r.run for d, r in runners.items()}, params.rounds, params.runs,
-                                params.warmup, params.round_warmup, clock)
+    try:
+        runners = {d: loader(runtime, files[next(n for n in files if digests[n] == d)], threads) for d in unique}
+        timings = time_side_by_side({d: r.run for d, r in runners.items()}, params.rounds, params.runs,
+                                    params.warmup, params.round_warmup, clock)
+    finally:
+        restore_denormals()
     base = timings[digests[baseline]] if baseline is not None else None
     rows = [_model_row(n, files, timings[digests[n]], base, digests[n]) for n in files]
     provider = next(iter(runners.values())).provider if runners else None

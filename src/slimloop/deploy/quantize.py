@@ -81,7 +81,7 @@ def fp32_nodes(proto: onnx.ModelProto) -> list[str]:
 
 def quantize_ort(fp32: Path, out: Path, batches: list[np.ndarray], quant: QuantParams) -> Path:
     """ONNX Runtime static quantization: QDQ, int8 weights (per channel if ``quant.per_channel``),
-    activations calibrated on ``batches``; the head and decode stay fp32 (:func:`fp32_nodes`)."""
+    ``quant.activation_type`` activations calibrated on ``batches``; the head and decode stay fp32 (:func:`fp32_nodes`)."""
     from onnxruntime.quantization import (
         CalibrationMethod,
         QuantFormat,
@@ -97,7 +97,8 @@ def quantize_ort(fp32: Path, out: Path, batches: list[np.ndarray], quant: QuantP
         quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=False)
         exclude = fp32_nodes(onnx.load(str(prepared)))
         quantize_static(str(prepared), str(dest), BatchReader(batches), quant_format=QuantFormat.QDQ,
-                        per_channel=quant.per_channel, activation_type=QuantType.QInt8,
+                        per_channel=quant.per_channel,
+                        activation_type=QuantType.QUInt8 if quant.activation_type == "uint8" else QuantType.QInt8,
                         weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
                         calibrate_method=methods[quant.calibrate_method],
                         extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
@@ -237,6 +238,7 @@ def quantize_models(models: dict[str, tuple[Path, dict[str, Any]]], data_root: P
     write_json_atomic(out_dir / "index.json", index)
     drop = entries["final"]["fp32"]["map"] - entries["final"]["int8"]["map"] if "final" in entries else None
     return {"enabled": True, "format": "QDQ", "per_channel": quant.per_channel, "calibrate_method": quant.calibrate_method,
+            "activation_type": quant.activation_type,
             "calibration_images": quant.calibration_images, "tolerance": quant.tolerance, "models": entries,
             "final_drop": None if drop is None else round(drop, 6),
             "within_tolerance": None if drop is None else drop <= quant.tolerance + 1e-9,

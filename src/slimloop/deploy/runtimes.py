@@ -52,6 +52,18 @@ class Runner:
     keep: list[Any] = field(default_factory=list, repr=False)  # buffers the bound run refers to
 
 
+def restore_denormals() -> None:
+    """Switch flush-to-zero off again on this thread. ONNX Runtime's denormal-as-zero option sets the
+    CPU's FTZ/DAZ bits on the calling thread (its intra-op thread 0) and leaves them set, so torch code
+    run afterwards in the same thread (the next training step) would silently flush denormals too, and
+    a step's numbers would depend on whether a measurement ran before it in the process."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_flush_denormal(False)
+
+
 def _static_shape(shape: list[Any]) -> tuple[int, ...]:
     """An input shape with every symbolic axis (a dynamic batch) set to 1."""
     return tuple(d if isinstance(d, int) and d > 0 else 1 for d in shape)
@@ -100,6 +112,7 @@ def ort_runner(path: str | Path, threads: int | None, runtime: str = "onnxruntim
     device = "cpu" if runtime == "onnxruntime" else "cuda"
     x_value = ort.OrtValue.ortvalue_from_numpy(x, device, 0)
     first = sess.run(None, {inp.name: x})  # output shapes for the bound buffers
+    restore_denormals()
     binding = sess.io_binding()
     binding.bind_ortvalue_input(inp.name, x_value)
     keep: list[Any] = [x, x_value]
@@ -112,7 +125,9 @@ def ort_runner(path: str | Path, threads: int | None, runtime: str = "onnxruntim
         sess.run_with_iobinding(binding)
 
     def infer(batch: np.ndarray) -> np.ndarray:
-        return sess.run(None, {inp.name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+        out = sess.run(None, {inp.name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+        restore_denormals()  # evaluation may be followed by torch code in this thread
+        return out
 
     return Runner(run, infer, runtime, provider, shape, keep + [sess, binding])
 

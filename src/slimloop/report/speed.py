@@ -100,14 +100,20 @@ def int8_text(inputs: ReportInputs) -> str:
         return "### INT8\n\nQuantization is off (`quant.enabled: false`)."
     header = ["model", "mAP@0.5:0.95 fp32 (ORT)", "mAP@0.5:0.95 int8", "Δ", "latency ms fp32 [IQR]",
               "latency ms int8 [IQR]", "int8 speed-up vs baseline fp32"]
+    openvino = any("openvino_int8" in e for e in q["models"].values())
+    if openvino:
+        header.insert(4, "mAP@0.5:0.95 int8 (OpenVINO NNCF)")
     cells = []
     for name, entry in q["models"].items():
         fp32, int8 = entry["fp32"], entry["int8"]
         lat32, lat8 = (_latency_cells(inputs.latency_row(k)) for k in (name, model_key("int8", model=name)))
-        cells.append([name, format_value(fp32["map"], "3"), format_value(int8["map"], "3"),
-                      format_value(int8["map"] - fp32["map"], "delta"), lat32[0], lat8[0], lat8[1]])
+        row = [name, format_value(fp32["map"], "3"), format_value(int8["map"], "3"),
+               format_value(int8["map"] - fp32["map"], "delta"), lat32[0], lat8[0], lat8[1]]
+        if openvino:
+            row.insert(4, format_value((entry.get("openvino_int8") or {}).get("map"), "3"))
+        cells.append(row)
     text = (f"### INT8\n\nONNX Runtime static quantization ({q['format']}, per-channel weights: "
-            f"{q['per_channel']}, {q['calibrate_method']} calibration on {q['calibration_images']} training images); "
+            f"{q['per_channel']}, {q.get('activation_type', 'int8')} activations, {q['calibrate_method']} calibration on {q['calibration_images']} training images); "
             f"mAP of both precisions evaluated through ONNX Runtime with slimloop's own pre- and postprocessing.\n\n"
             + markdown_table(_frame(header, cells)))
     if q.get("openvino"):
