@@ -29,7 +29,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-COLUMNS = ("map50", "map", "gflops", "params", "latency_ms")
+COLUMNS = ("map50", "map", "gflops", "params", "latency_quick_ms")
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -67,7 +67,7 @@ def main() -> None:
             "imgsz": imgsz,
             "train_images_per_s": round(train_images_per_s(spec, imgsz, args.batch, args.steps), 2),
             "batch": args.batch,
-            **{k: cost[k] for k in ("gflops", "params", "latency_ms", "latency_torch_ms", "threads")},
+            **{k: cost[k] for k in ("gflops", "params", "latency_quick_ms", "latency_torch_quick_ms", "threads")},
         })
         print(rows[-1])
     write_json_atomic(args.out, {

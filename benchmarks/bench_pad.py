@@ -1,12 +1,13 @@
 """Padded against unpadded, side by side: the latency of each iteration's pruned model (widths as
-the global threshold left them) and its padded twin (every width rounded up to pad.multiple);
+the global threshold left them) and its padded twin (every width rounded up to the iteration's multiple);
 and the final model against the baseline, the same way.
 
 Both come from the step store of the last `dvc repro` ($SLIMLOOP_CACHE), matched to the records
-in metrics/iterations/iter_*.json. They are measured in one process, alternating, several rounds, so that machine
-noise hits both alike; the ratio is what to read.
+in metrics/iterations/iter_*.json. Every model is measured in one table by the report's own code
+(slimloop.deploy.latency: loaded once, warmed up, interleaved rounds), so that machine noise hits
+all alike; the ratios, with their range over the rounds, are what to read.
 
-    python benchmarks/bench_pad.py [--rounds 5] [--runs 100]
+    python benchmarks/bench_pad.py [--rounds 7] [--runs 100] [--runtime onnxruntime]
 
 Writes benchmarks/results/pad.json.
 """
@@ -15,15 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
+import tempfile
 from pathlib import Path
 
-import numpy as np
-
 from slimloop.checkpoint import load_model
+from slimloop.config import LatencyParams
 from slimloop.deploy.export import export_onnx
+from slimloop.deploy.latency import cpu_info, lookup, measure_files
+from slimloop.deploy.runtimes import default_threads
 from slimloop.io import write_json_atomic
 from slimloop.model.build import conv_modules
 from slimloop.profile import gflops
@@ -32,44 +33,18 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "pad.json"
 
 
-def _ort_session(model, imgsz: int, path: Path, threads: int):
-    import onnxruntime as ort
-
-    export_onnx(model, path, imgsz)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+def ratio(rows: dict, slow: str, fast: str) -> dict:
+    """``slow`` over ``fast`` per round (same round, same load): median and range."""
+    per_round = [a / b for a, b in zip(rows[slow]["round_medians_ms"], rows[fast]["round_medians_ms"], strict=True)]
+    return {"median": round(statistics.median(per_round), 4), "min": round(min(per_round), 4),
+            "max": round(max(per_round), 4)}
 
 
-def _median_ms(session, x: np.ndarray, runs: int) -> float:
-    import time
-
-    name = session.get_inputs()[0].name
-    for _ in range(10):
-        session.run(None, {name: x})
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, {name: x})
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
-
-
-def _side_by_side(models: dict, args, x: np.ndarray, work: Path, tag: str) -> dict:
-    """GFLOPs, median latency over ``args.rounds`` alternating rounds, and whether every width is a
-    multiple of 8, for each named model."""
-    sessions = {n: _ort_session(m, args.imgsz, work / f"{n}_{tag}.onnx", args.threads) for n, m in models.items()}
-    times: dict[str, list[float]] = {n: [] for n in sessions}
-    for _ in range(args.rounds):  # alternate, so drifting machine load hits both
-        for n, sess in sessions.items():
-            times[n].append(_median_ms(sess, x, args.runs))
-    row = {}
-    for n, m in models.items():
-        row[f"{n}_gflops"] = round(gflops(m, args.imgsz), 6)
-        row[f"{n}_latency_ms"] = round(statistics.median(times[n]), 4)
-        row[f"{n}_widths_multiple_of_8"] = all(c.conv.out_channels % 8 == 0 for c in conv_modules(m).values())
-    return row
+def describe(name: str, model, imgsz: int, row: dict) -> dict:
+    """GFLOPs, the side-by-side latency and whether every width is a multiple of 8."""
+    return {f"{name}_gflops": round(gflops(model, imgsz), 6), f"{name}_latency_ms": row["median_ms"],
+            f"{name}_iqr_ms": row["iqr_ms"],
+            f"{name}_widths_multiple_of_8": all(c.conv.out_channels % 8 == 0 for c in conv_modules(model).values())}
 
 
 def _manifests() -> list[dict]:
@@ -111,37 +86,41 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--metrics", type=Path, default=ROOT / "metrics" / "iterations")
     parser.add_argument("--imgsz", type=int, default=160)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--runs", type=int, default=100)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--threads", type=int, default=default_threads())
+    parser.add_argument("--runtime", default="onnxruntime")
     args = parser.parse_args()
     pairs = checkpoints(args.metrics)
     if not pairs:
         raise SystemExit(f"no pruned/padded checkpoints found through {args.metrics}: run `dvc repro compress` first")
-    x = np.random.default_rng(0).random((1, 3, args.imgsz, args.imgsz), dtype=np.float32)
-    rows = []
-    work = ROOT / "benchmarks" / "results" / ".pad_onnx"
-    work.mkdir(parents=True, exist_ok=True)
+    models = {}
     for k, pruned, padded in pairs:
-        row = {"iteration": k, **_side_by_side({"pruned": load_model(pruned), "padded": load_model(padded)},
-                                               args, x, work, str(k))}
-        row["padded_over_pruned_latency"] = round(row["padded_latency_ms"] / row["pruned_latency_ms"], 4)
-        rows.append(row)
-        print(row)
-    final = None
+        models[f"pruned_{k}"], models[f"padded_{k}"] = load_model(pruned), load_model(padded)
     baseline_ckpt = ROOT / "models" / "baseline" / "best.safetensors"
     final_ckpt = ROOT / "models" / "compressed" / "final.safetensors"
     if baseline_ckpt.exists() and final_ckpt.exists():
-        models = {"baseline": load_model(baseline_ckpt), "final": load_model(final_ckpt)}
-        final = _side_by_side(models, args, x, work, "final")
-        final["baseline_over_final_latency"] = round(final["baseline_latency_ms"] / final["final_latency_ms"], 4)
+        models["baseline"], models["final"] = load_model(baseline_ckpt), load_model(final_ckpt)
+    params = LatencyParams(rounds=args.rounds, runs=args.runs, warmup=20, threads=args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {n: export_onnx(m, Path(tmp) / f"{n}.onnx", args.imgsz) for n, m in models.items()}
+        table = measure_files(files, args.runtime, params)  # every model in one side-by-side table
+    rows, out = lookup(table), []
+    for k, _, _ in pairs:
+        row = {"iteration": k, **describe("pruned", models[f"pruned_{k}"], args.imgsz, rows[f"pruned_{k}"]),
+               **describe("padded", models[f"padded_{k}"], args.imgsz, rows[f"padded_{k}"]),
+               "padded_over_pruned_latency": ratio(rows, f"padded_{k}", f"pruned_{k}")}
+        out.append(row)
+        print(row)
+    final = None
+    if "final" in models:
+        final = {**describe("baseline", models["baseline"], args.imgsz, rows["baseline"]),
+                 **describe("final", models["final"], args.imgsz, rows["final"]),
+                 "baseline_over_final_latency": ratio(rows, "baseline", "final")}
         print(final)
-    for f in work.iterdir():
-        f.unlink()
-    work.rmdir()
-    write_json_atomic(RESULTS, {"machine": platform.machine(), "cpus": os.cpu_count(), "threads": args.threads,
-                                "imgsz": args.imgsz, "rounds": args.rounds, "runs": args.runs, "rows": rows,
-                                "final_vs_baseline": final})
+    write_json_atomic(RESULTS, {"machine": cpu_info(), "runtime": table["runtime"], "provider": table["provider"],
+                                "threads": table["threads"], "imgsz": args.imgsz, "rounds": args.rounds,
+                                "runs": args.runs, "rows": out, "final_vs_baseline": final})
 
 
 if __name__ == "__main__":

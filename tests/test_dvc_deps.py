@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_dvc_yaml_code_deps_are_exactly_the_imports():
     assert differences(REPO / "dvc.yaml") == {}, "run: python -m flows.deps write"
     stages = stage_deps(REPO / "dvc.yaml")
-    assert set(stages) == {"prepare", "baseline", "compress", "control", "report"}
+    assert set(stages) == {"prepare", "baseline", "compress", "control", "quantize", "latency", "report"}
     assert "src/slimloop/compress/loop.py" in stages["compress"][1]
     assert "src/slimloop/compress/loop.py" not in stages["prepare"][1]
 

@@ -20,7 +20,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SKIP = ("metrics/", "plots/", "reports/", "models/", "data/prepared", "dvc.lock")
-STAGES = ("prepare", "baseline", "compress", "control", "report")
+STAGES = ("prepare", "baseline", "compress", "control", "quantize", "latency", "report")
 # what must come out the same when a stage runs again on CPU (latency is a timing, not a result)
 STABLE = ("map50", "map", "precision", "recall", "missed", "params", "gflops", "size_mb")
 
@@ -103,7 +103,8 @@ def project(tmp_path_factory, prefect_server) -> Project:
 
 def test_repro_runs_every_stage_and_writes_every_metric(project):
     assert ran(project.first_run) == set(STAGES)
-    for name in ("baseline.json", "final.json", "control.json", "imgsz_sweep.json", "iterations/iter_1.json"):
+    for name in ("baseline.json", "final.json", "control.json", "imgsz_sweep.json", "iterations/iter_1.json",
+                 "int8.json", "latency.json"):
         assert (project.root / "metrics" / name).is_file(), name
     assert (project.root / "reports" / "summary.md").is_file()
     shown = project.dvc("metrics", "show").stdout
@@ -144,7 +145,7 @@ def test_killed_repro_completes_serves_finished_steps_and_metrics_diff_shows_it(
     assert finished
     stamps = {k: (project.store / k / "step.json").stat().st_mtime_ns for k in finished}
     out = project.dvc("repro")
-    assert ran(out) == {"compress", "control", "report"}
+    assert ran(out) == {"compress", "control", "quantize", "latency", "report"}
     assert all((project.store / k / "step.json").stat().st_mtime_ns == stamps[k] for k in finished)  # served
     new = project.entries() - before
     names = [json.loads((project.store / k / "step.json").read_text())["name"] for k in new]

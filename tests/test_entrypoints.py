@@ -16,7 +16,7 @@ def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
                           env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HOME": str(cwd)})
 
 
-@pytest.mark.parametrize("stage", ["prepare", "baseline", "compress", "control"])
+@pytest.mark.parametrize("stage", ["prepare", "baseline", "compress", "control", "quantize", "latency"])
 def test_help(stage):
     out = run(f"flows.{stage}", "--help")
     assert out.returncode == 0, out.stderr

@@ -116,11 +116,11 @@ def test_profile_reports_every_column(tmp_path):
     model = tiny()
     params = EvalParams(latency_runs=3, latency_warmup=1, threads=1)
     out = profile(model, 32, params, workdir=tmp_path)
-    expected = {"params", "size_mb", "gflops", "imgsz", "latency_ms", "latency_torch_ms", "threads"}
-    assert expected <= set(out) and set(out) - expected <= {"latency_cuda_ms"}
+    expected = {"params", "size_mb", "gflops", "imgsz", "latency_quick_ms", "latency_torch_quick_ms", "threads"}
+    assert expected <= set(out) and set(out) - expected <= {"latency_cuda_quick_ms"}
     assert out["params"] == count_params(model) and out["threads"] == 1 and out["imgsz"] == 32
     assert out["gflops"] == round(gflops(model, 32), 6)
-    assert all(math.isfinite(out[k]) and out[k] > 0 for k in ("latency_ms", "latency_torch_ms", "size_mb"))
+    assert all(math.isfinite(out[k]) and out[k] > 0 for k in ("latency_quick_ms", "latency_torch_quick_ms", "size_mb"))
     assert list(tmp_path.iterdir()) == []  # the temporary ONNX is gone
     assert model.training  # the original was not switched to eval
 

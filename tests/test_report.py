@@ -24,12 +24,15 @@ ROOT = Path(__file__).resolve().parents[1]
 EVAL = EvalParams(op_conf=0.25, op_iou=0.5)
 
 
+QUICK = 99.0  # every record's quick single reading: the report must never show it
+
+
 def rec(map50: float, mAP: float, gflops: float, params: int = 1_234_567, latency: float = 10.0,
         imgsz: int = 128, step: str | None = None) -> dict:
-    """A metric record as slimloop.measure writes it."""
+    """A metric record as slimloop.measure writes it (``latency`` is what the side-by-side table measures)."""
     return {"step": step, "map50": map50, "map": mAP, "precision": 0.9, "recall": 0.8, "missed": 3,
-            "params": params, "size_mb": 1.0, "gflops": gflops, "imgsz": imgsz, "latency_ms": latency,
-            "latency_torch_ms": 2 * latency, "threads": 2, "split": "val", "per_class": {}}
+            "params": params, "size_mb": 1.0, "gflops": gflops, "imgsz": imgsz, "latency_quick_ms": QUICK,
+            "latency_torch_quick_ms": QUICK, "threads": 2, "split": "val", "per_class": {}, "_ms": latency}
 
 
 WIDTHS = {"before": {"layers.0": 16, "layers.1": 32, "layers.2.cv1": 16},
@@ -60,10 +63,48 @@ SWEEP = [{"model": m, **rec(a50, a, g, imgsz=s, latency=lat), "missed_per_class"
                                       ("final", 0.962, 0.705, 2.3, 128, 12.5), ("final", 0.880, 0.590, 1.3, 96, 7.0)]]
 
 
+def _latency_json(root: Path, final: dict | None, iterations: tuple[dict, ...], control: dict | None) -> dict:
+    """metrics/latency.json as the latency stage writes it: measure_files over stand-in files (the same
+    model shares one file, as the catalogue makes it) on a fake machine whose costs are the records' ``_ms``."""
+    from slimloop.config import LatencyParams
+    from slimloop.deploy.latency import measure_files
+    from slimloop.deploy.runtimes import Runner
+
+    models = {"baseline": BASELINE, "sweep_baseline_128": BASELINE}
+    for it in iterations:
+        models.update({f"iter_{it['iteration']}_{s}": r for s, r in it["steps"].items() if r})
+    if final is not None:
+        models.update(final=final["record"], sweep_final_128=final["record"])
+    if control is not None and "map" in control:
+        models["control"] = control
+    models.update({f"sweep_{r['model']}_{r['imgsz']}": r for r in SWEEP if r["imgsz"] != 128})
+    folder = root / "onnx"
+    folder.mkdir()
+    files, cost = {}, {}
+    for key, record in models.items():
+        ident = str(id(record))  # the same record object is the same model
+        files[key] = folder / f"{ident}.onnx"
+        files[key].write_text(ident)
+        cost[ident] = record["_ms"] / 1e3
+    clock = [0.0]
+
+    def load(runtime, path, threads):
+        def run():
+            clock[0] += cost[Path(path).stem]
+        return Runner(run, lambda x: x, runtime, "CPUExecutionProvider", (1, 3, 128, 128))
+
+    table = measure_files(files, "onnxruntime", LatencyParams(rounds=3, runs=2, warmup=0, threads=2),
+                          "baseline", loader=load, clock=lambda: clock[0])
+    return {**table, "target": "onnxruntime", "tables": {"onnxruntime": table}, "versions": {"onnxruntime": "1.x"},
+            "machine": {"cpu": "Test CPU", "flags": ["avx2"], "cpus": 2, "usable_cpus": 2}}
+
+
 def write_metrics(root: Path, control: dict | None = CONTROL, final: dict | None = FINAL,
-                  iterations: tuple[dict, ...] = (ITER_1, ITER_2)) -> Path:
-    """The metrics folder the earlier stages would leave (2 iterations, a control, a sweep)."""
+                  iterations: tuple[dict, ...] = (ITER_1, ITER_2), latency: bool = True) -> Path:
+    """The metrics folder the earlier stages would leave (2 iterations, a control, a sweep, the latency table)."""
     (root / "iterations").mkdir(parents=True)
+    if latency:
+        (root / "latency.json").write_text(json.dumps(_latency_json(root, final, iterations, control)))
     (root / "baseline.json").write_text(json.dumps(BASELINE))
     for it in iterations:
         (root / "iterations" / f"iter_{it['iteration']}.json").write_text(json.dumps(it))
@@ -115,18 +156,19 @@ def test_summary_rows_in_order_with_formatted_numbers(written):
     assert text == report.markdown
     lines = table_lines(text)
     assert lines[0] == ("| index | model | mAP@0.5 | Δ mAP@0.5 vs baseline | mAP@0.5:0.95 | size MB | "
-                        "latency ms (ONNX Runtime CPU) | GFLOPs | params |")
+                        "latency ms (ONNX Runtime CPU): median [IQR] | speed-up vs baseline [round range] | "
+                        "GFLOPs | params |")
     models = [line.split(" | ")[1] for line in lines[1:]]
     assert models == ["baseline", "iter 1 pruned", "iter 1 padded", "iter 1 retrained", "iter 1 distilled",
                       "iter 2 pruned (rolled back)", "iter 2 padded (rolled back)", "iter 2 retrained (rolled back)",
                       "final (iteration 1)", "control (width x0.188)",
                       "baseline @ 128", "baseline @ 96", "final @ 128", "final @ 96"]
-    assert "| 0 | baseline | 0.950 | +0.000 | 0.700 | 1.00 | 20.00 | 4.20 | 1,765,432 |" in lines
-    assert "| 1 | iter 1 pruned | 0.800 | -0.150 | 0.500 | 1.00 | 10.00 | 2.10 | 1,234,567 |" in lines
-    assert "| 4 | iter 1 distilled | 0.962 | +0.012 | 0.705 | 1.00 | 12.50 | 2.30 | 1,234,567 |" in lines
-    assert "| 8 | final (iteration 1) | 0.962 | +0.012 | 0.705 | 1.00 | 12.50 | 2.30 | 1,234,567 |" in lines
-    assert "| 9 | control (width x0.188) | 0.931 | -0.019 | 0.650 | 1.00 | 10.00 | 2.25 | 400,000 |" in lines
-    assert "| 13 | final @ 96 | 0.880 | -0.070 | 0.590 | 1.00 | 7.00 | 1.30 | 1,234,567 |" in lines
+    assert "| 0 | baseline | 0.950 | +0.000 | 0.700 | 1.00 | 20.00 [20.00-20.00] | 1.00x [1.00-1.00] | 4.20 | 1,765,432 |" in lines
+    assert "| 1 | iter 1 pruned | 0.800 | -0.150 | 0.500 | 1.00 | 10.00 [10.00-10.00] | 2.00x [2.00-2.00] | 2.10 | 1,234,567 |" in lines
+    assert "| 4 | iter 1 distilled | 0.962 | +0.012 | 0.705 | 1.00 | 12.50 [12.50-12.50] | 1.60x [1.60-1.60] | 2.30 | 1,234,567 |" in lines
+    assert "| 8 | final (iteration 1) | 0.962 | +0.012 | 0.705 | 1.00 | 12.50 [12.50-12.50] | 1.60x [1.60-1.60] | 2.30 | 1,234,567 |" in lines
+    assert "| 9 | control (width x0.188) | 0.931 | -0.019 | 0.650 | 1.00 | 10.00 [10.00-10.00] | 2.00x [2.00-2.00] | 2.25 | 400,000 |" in lines
+    assert "| 13 | final @ 96 | 0.880 | -0.070 | 0.590 | 1.00 | 7.00 [7.00-7.00] | 2.86x [2.86-2.86] | 1.30 | 1,234,567 |" in lines
     assert "step_floor" in text and "**iteration 1**" in text
     assert text.splitlines()[2].startswith("**Final model: 0.548x the baseline's GFLOPs")
     assert "within the tolerance of 0.01" in text.splitlines()[2]
@@ -139,12 +181,35 @@ def test_summary_rows_in_order_with_formatted_numbers(written):
 
 def test_every_png_is_a_valid_image_and_nothing_else_is_written(written):
     out, _ = written
-    assert sorted(p.name for p in out.iterdir()) == sorted([OUTPUT_MARKER, "summary.md", *PLOTS])
+    assert sorted(p.name for p in out.iterdir()) == sorted([OUTPUT_MARKER, "summary.md", "latency.csv", *PLOTS])
     for name in PLOTS:
         with Image.open(out / name) as img:
             assert img.format == "PNG" and img.width > 100 and img.height > 100
             img.verify()
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".reports")]
+
+
+def test_every_latency_comes_from_the_table_one_number_per_model(written):
+    """The final model's three rows (final, its iteration step, its sweep row at the same size) show the
+    one number latency.json has for it; no record's quick reading appears anywhere."""
+    out, report = written
+    table = json.loads((out.parent / "metrics" / "latency.json").read_text())
+    final = next(r for r in table["rows"] if r["name"] == "final")
+    cells = {line.split(" | ")[1]: line.split(" | ")[6] for line in table_lines(report.markdown)[1:]}
+    shown = f"{final['median_ms']:.2f} [{final['iqr_ms'][0]:.2f}-{final['iqr_ms'][1]:.2f}]"
+    assert cells["final (iteration 1)"] == cells["iter 1 distilled"] == cells["final @ 128"] == shown
+    assert cells["baseline"] == cells["baseline @ 128"]
+    assert f"{QUICK:.2f}" not in report.markdown and f"{QUICK:g}" not in (out / "latency.csv").read_text()
+    assert "Test CPU" in report.markdown and "3 interleaved rounds of 2 runs" in report.markdown
+    csv = (out / "latency.csv").read_text().splitlines()
+    assert csv[0].startswith("model,key,kind,map,map50,gflops,latency_ms") and len(csv) > 10
+
+
+def test_without_a_latency_table_latencies_are_na_and_the_report_says_so(tmp_path):
+    inputs = load_inputs(write_metrics(tmp_path / "metrics", latency=False))
+    rows = comparison_rows(inputs)
+    assert all(r["latency_ms"] is None for r in rows)
+    assert "metrics/latency.json` is missing" in summary_markdown(inputs, rows, "")
 
 
 def test_missing_control_file_gives_a_report_that_says_so(tmp_path):

@@ -244,10 +244,55 @@ class PruneParams(StrictModel):
     )
 
 
-class PadParams(StrictModel):
-    """Round kept widths up to a multiple (1 = off)."""
+PAD_CANDIDATES = (1, 4, 8, 16, 32)  # the multiples `pad.multiple: auto` measures
 
-    multiple: Literal[1, 8, 16, 32] = 8
+
+class PadParams(StrictModel):
+    """Round kept widths up to a multiple (1 = off), or ``auto``: the fastest measured multiple."""
+
+    multiple: Literal[1, 4, 8, 16, 32, "auto"] = Field(
+        8, description="auto: measure the pruned structure padded to each of 1, 4, 8, 16, 32 on "
+                       "latency.runtime and keep the fastest within max_growth")
+    max_growth: float = Field(
+        0.25, ge=0, le=10, description="auto: largest GFLOPs growth over the unpadded structure (0.25 = +25%)")
+
+
+Runtime = Literal["onnxruntime", "openvino", "onnxruntime-cuda", "onnxruntime-tensorrt"]
+
+
+class LatencyParams(StrictModel):
+    """The side-by-side latency table: every model loaded once, measured in interleaved rounds."""
+
+    runtime: Runtime = Field("onnxruntime", description="the target runtime: the report's latency column, "
+                                                        "the choice of pad.multiple auto")
+    compare: list[Runtime] = Field(default_factory=lambda: ["openvino"], description="further runtimes measured beside it")
+    rounds: int = Field(7, ge=1, description="round-robin rounds over all models")
+    runs: int = Field(50, ge=1, description="timed batch-1 runs of each model per round")
+    warmup: int = Field(20, ge=0, description="untimed runs of each model after loading")
+    round_warmup: int = Field(3, ge=0, description="untimed runs at the start of each model's turn")
+    threads: int | None = Field(None, ge=1, description="intra-op threads; None = the CPUs this process may use")
+    pad_rounds: int = Field(5, ge=1, description="rounds of the pad.multiple auto measurement")
+    pad_runs: int = Field(30, ge=1, description="runs per round of the pad.multiple auto measurement")
+
+    @field_validator("compare")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"names a runtime twice: {value}")
+        return value
+
+
+class QuantParams(StrictModel):
+    """INT8 after the loop: static post-training quantization of the baseline and the final model."""
+
+    enabled: bool = True
+    calibration_images: int = Field(64, ge=1, description="training images that calibrate the ranges")
+    per_channel: bool = Field(True, description="per-output-channel weight scales")
+    tolerance: float = Field(0.01, ge=0, description="largest mAP@0.5:0.95 INT8 may cost the final model")
+    calibrate_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    activation_type: Literal["uint8", "int8"] = Field(
+        "uint8", description="activations: uint8 is ONNX Runtime's fast x86 path (u8s8); int8 for targets that want it")
+    worst_layers: int = Field(5, ge=1, description="layers named when INT8 costs more than the tolerance")
 
 
 class RetrainParams(StrictModel):
@@ -312,7 +357,8 @@ class TargetParams(StrictModel):
 
     gflops_ratio: float | None = Field(0.2, gt=0, le=1, description="GFLOPs / baseline GFLOPs")
     params_ratio: float | None = Field(0.1, gt=0, le=1, description="params / baseline params")
-    latency_ms: float | None = Field(None, gt=0, description="ONNX Runtime CPU latency, ms")
+    latency_ms: float | None = Field(
+        None, gt=0, description="ONNX Runtime CPU latency, ms: each step's quick single reading (latency_quick_ms)")
 
 
 class ControlParams(StrictModel):
@@ -341,6 +387,8 @@ class Params(StrictModel):
     sparse: SparseParams = SparseParams()
     prune: PruneParams = PruneParams()
     pad: PadParams = PadParams()
+    latency: LatencyParams = LatencyParams()
+    quant: QuantParams = QuantParams()
     retrain: RetrainParams = RetrainParams()
     distill: DistillParams = DistillParams()
     compress: CompressParams = CompressParams()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -308,4 +308,27 @@ def evaluate(
         detections = predict(model, loader, device, params, progress=progress)
     finally:
         model.train(was_training)
+    return coco_metrics(gt, detections, dataset.names, params)
+
+
+def evaluate_forward(
+    forward: Callable[[torch.Tensor], torch.Tensor], root: str | Path, split: str, imgsz: int, params: EvalParams,
+    batch_size: int = 1, progress: bool = False,
+) -> dict[str, Any]:
+    """:func:`evaluate` for any forward function, such as an exported model run by a runtime: the same
+    letterbox, NMS, box scaling and pycocotools evaluation as the torch model gets.
+
+    Args:
+        forward: ``(B, 3, H, W)`` float in [0, 1] on the CPU -> decoded ``(B, N, 5 + nc)``.
+        root, split, imgsz, params: as for :func:`evaluate`.
+        batch_size: images per call (1 for a batch-1 export).
+        progress: show a tqdm bar.
+
+    Returns:
+        The dict of :func:`coco_metrics`.
+    """
+    gt = _load_gt(annotation_path(root, split))
+    dataset = DetectionDataset(root, split, imgsz, augment=None)
+    loader = make_loader(dataset, batch_size, shuffle=False, workers=0, seed=0)
+    detections = predict(forward, loader, "cpu", params, progress=progress)
     return coco_metrics(gt, detections, dataset.names, params)

@@ -11,7 +11,7 @@ from slimloop.config import EvalParams
 
 KEYS = (
     "map50", "map", "precision", "recall", "missed",
-    "params", "size_mb", "gflops", "imgsz", "latency_ms", "latency_torch_ms", "threads",
+    "params", "size_mb", "gflops", "imgsz", "latency_quick_ms", "latency_torch_quick_ms", "threads",
 )
 
 
@@ -28,8 +28,9 @@ def measure_model(
 
     Returns:
         The DESIGN.md metric keys (``map50``, ``map``, ``precision``, ``recall``, ``missed``,
-        ``params``, ``size_mb``, ``gflops``, ``imgsz``, ``latency_ms``, ``latency_torch_ms``,
-        ``threads``), then ``latency_cuda_ms`` when measured, ``per_class`` and ``split``.
+        ``params``, ``size_mb``, ``gflops``, ``imgsz``, ``latency_quick_ms``, ``latency_torch_quick_ms``
+        (single readings: the report's latencies come from ``metrics/latency.json``),
+        ``threads``), then ``latency_cuda_quick_ms`` when measured, ``per_class`` and ``split``.
     """
     from slimloop.evaluate import evaluate
     from slimloop.profile import profile
@@ -38,8 +39,8 @@ def measure_model(
     cost = profile(model, imgsz, params)
     merged = {**acc, **cost, "imgsz": imgsz}
     record = {k: merged[k] for k in KEYS}
-    if "latency_cuda_ms" in merged:
-        record["latency_cuda_ms"] = merged["latency_cuda_ms"]
+    if "latency_cuda_quick_ms" in merged:
+        record["latency_cuda_quick_ms"] = merged["latency_cuda_quick_ms"]
     record["split"] = split
     record["per_class"] = acc.get("per_class", {})
     return record

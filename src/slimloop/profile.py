@@ -1,4 +1,4 @@
-"""Cost of a model: parameters, fp16 file size, FLOPs and batch-1 latency."""
+"""Cost of a model: parameters, fp16 file size, FLOPs and a quick single batch-1 latency reading."""
 
 from __future__ import annotations
 
@@ -8,13 +8,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import save_file
 from torch.utils.flop_counter import FlopCounterMode
 
 from slimloop.config import EvalParams
-from slimloop.deploy.export import INPUT_NAME, eval_copy, export_onnx, ort_session
+from slimloop.deploy.export import eval_copy, export_onnx
 
 
 def count_params(model: torch.nn.Module) -> int:
@@ -95,6 +94,7 @@ def latency_torch_ms(
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)  # subnormal weights left by sparse training: no slow path (x86 SSE3+)
     try:
         with torch.inference_mode():
             for _ in range(warmup):
@@ -106,13 +106,15 @@ def latency_torch_ms(
                 times = _time_cpu(net, x, runs)
     finally:
         torch.set_num_threads(old_threads)
+        torch.set_flush_denormal(False)
     return statistics.median(times)
 
 
 def latency_onnx_ms(
     onnx_path: str | Path, imgsz: int, runs: int = 50, warmup: int = 10, threads: int | None = None
 ) -> float:
-    """Median batch-1 latency of an ONNX file on ONNX Runtime CPU, in milliseconds.
+    """Median batch-1 latency of an ONNX file on ONNX Runtime CPU, in milliseconds: one round of
+    the side-by-side code (:mod:`slimloop.deploy.latency`), for one model alone.
 
     Args:
         onnx_path: the exported model.
@@ -124,23 +126,26 @@ def latency_onnx_ms(
     Returns:
         The median time of one run.
     """
-    session = ort_session(onnx_path, threads)
-    x = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
-    feed = {INPUT_NAME: x}
-    for _ in range(warmup):
-        session.run(None, feed)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        session.run(None, feed)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    from slimloop.deploy.latency import time_side_by_side
+    from slimloop.deploy.runtimes import ort_runner, restore_denormals
+
+    runner = ort_runner(onnx_path, threads)
+    if runner.input_shape[-2:] != (imgsz, imgsz):
+        raise ValueError(f"{onnx_path} takes {runner.input_shape}, not {imgsz} px")
+    try:
+        return time_side_by_side({"model": runner.run}, rounds=1, runs=runs, warmup=warmup)["model"].median_ms
+    finally:
+        restore_denormals()
 
 
 def profile(
     model: torch.nn.Module, imgsz: int, params: EvalParams, workdir: str | Path | None = None
 ) -> dict[str, Any]:
-    """All cost columns of the report for one model at one input size.
+    """The cost columns of one model at one input size, latency as a quick single reading.
+
+    The latencies here are one reading each, taken whenever the step ran (``*_quick_ms``): good for
+    a glance and ``target.latency_ms``; the report's latencies come from the side-by-side table
+    (:mod:`slimloop.deploy.latency`, ``metrics/latency.json``).
 
     Args:
         model: the detector (not modified).
@@ -149,9 +154,9 @@ def profile(
         workdir: folder for the temporary ONNX file (a temporary folder if None).
 
     Returns:
-        ``params``, ``size_mb``, ``gflops``, ``imgsz``, ``latency_ms`` (ONNX Runtime CPU),
-        ``latency_torch_ms`` (torch eager CPU), ``threads`` (the count used for both), and
-        ``latency_cuda_ms`` when a GPU is present.
+        ``params``, ``size_mb``, ``gflops``, ``imgsz``, ``latency_quick_ms`` (ONNX Runtime CPU),
+        ``latency_torch_quick_ms`` (torch eager CPU), ``threads`` (the count used for both), and
+        ``latency_cuda_quick_ms`` when a GPU is present.
     """
     threads = params.threads or torch.get_num_threads()
     timing = {"runs": params.latency_runs, "warmup": params.latency_warmup}
@@ -163,10 +168,10 @@ def profile(
         "size_mb": round(size_mb(model), 6),
         "gflops": round(gflops(model, imgsz), 6),
         "imgsz": imgsz,
-        "latency_ms": round(latency_ms, 4),
-        "latency_torch_ms": round(latency_torch_ms(model, imgsz, threads=threads, **timing), 4),
+        "latency_quick_ms": round(latency_ms, 4),
+        "latency_torch_quick_ms": round(latency_torch_ms(model, imgsz, threads=threads, **timing), 4),
         "threads": threads,
     }
     if torch.cuda.is_available():
-        out["latency_cuda_ms"] = round(latency_torch_ms(model, imgsz, device="cuda", **timing), 4)
+        out["latency_cuda_quick_ms"] = round(latency_torch_ms(model, imgsz, device="cuda", **timing), 4)
     return out

@@ -36,7 +36,8 @@ def narrowest_spec(spec: ModelSpec, prune: PruneParams, pad: PadParams) -> Model
     floor = {}
     for name, group in topo.groups.items():
         kept = min(prune.min_channels, group.width)
-        floor[name] = min(group.width, math.ceil(kept / pad.multiple) * pad.multiple)
+        multiple = 1 if pad.multiple == "auto" else pad.multiple  # auto may choose 1: the smallest floor
+        floor[name] = min(group.width, math.ceil(kept / multiple) * multiple)
     return with_conv_widths(spec, {conv: floor[group] for conv, group in topo.group_of.items()})
 
 

@@ -112,6 +112,15 @@ def _retrain_kwargs(ctx: _Context, out: Path, ckpt: Path, masks: list[Path], tea
     return kwargs
 
 
+def _auto_pad_kwargs(p: Params) -> dict[str, Any]:
+    """``pad.multiple: auto`` measures: the latency params and the machine enter the pad step's key."""
+    if p.pad.multiple != "auto":
+        return {}
+    from slimloop.deploy.latency import machine_fingerprint
+
+    return {"latency": p.latency, "machine": machine_fingerprint(p.latency)}
+
+
 def _sparse(ctx: _Context, k: int, current: Path) -> StepResult:
     p = ctx.params
     return ctx.run_step("sparse_train", sparse_train_step, dict(
@@ -132,7 +141,7 @@ def _attempt(ctx: _Context, out: Path, current: Path, sparse: StepResult, ratio:
         out_dir=out / "prune", **common))
     padded = run("pad", pad_step, dict(
         ckpt=sparse.checkpoint, masks=Path(pruned.extra["masks"]), pad=p.pad, recalibrate=p.prune.recalibrate,
-        out_dir=out / "pad", **common))
+        out_dir=out / "pad", **_auto_pad_kwargs(p), **common))
     lineage = [*masks, Path(padded.extra["masks"])]
     teacher = (Lineage(ctx.baseline_ckpt, tuple(lineage)) if p.distill.teacher == "baseline"
                else Lineage(current, (lineage[-1],)))
@@ -146,11 +155,12 @@ def _attempt(ctx: _Context, out: Path, current: Path, sparse: StepResult, ratio:
     widths = {name: conv_widths(load_checkpoint(ckpt).spec)
               for name, ckpt in (("before", sparse.checkpoint), ("pruned", pruned.checkpoint),
                                  ("padded", padded.checkpoint))}
-    steps = {"sparse": sparse.record, "pruned": pruned.record, "padded": padded.record,
-             "retrained": retrained.record, "distilled": distilled.record if distilled else None}
+    results = {"sparse": sparse, "pruned": pruned, "padded": padded, "retrained": retrained, "distilled": distilled}
+    steps = {name: r.record if r else None for name, r in results.items()}
     spec = load_checkpoint(final.checkpoint).spec
     return {"steps": steps, "final_step": "distilled" if distilled else "retrained", "spec": spec.to_dict(),
             "checkpoint": str(final.checkpoint), "widths": widths, "epochs": epochs,
+            "checkpoints": {name: str(r.checkpoint) for name, r in results.items() if r},
             "kept_fraction": round(kept_fraction(load_checkpoint(ctx.baseline_ckpt).spec, spec), 6),
             "ratio": pruned.record.get("ratio", ratio), "landed": bool(pruned.record.get("landed"))}, \
         final.checkpoint, Path(padded.extra["masks"])
@@ -182,7 +192,8 @@ def _iteration(ctx: _Context, k: int, current: Path, parent: dict[str, Any],
         ratio = smaller_step(ratio, p.compress)
     it.update(iteration=k, attempts=attempts, accepted=attempts[-1]["accepted"],
               epochs=p.sparse.epochs + it["epochs"],
-              epochs_spent=p.sparse.epochs + sum(a["epochs"] for a in attempts), gamma_histogram=sparse.extra.get("histogram", []),
+              epochs_spent=p.sparse.epochs + sum(a["epochs"] for a in attempts),
+              gamma_histogram=sparse.extra.get("histogram", []),
               sparse_control=sparse.extra.get("control", []))
     return (it, ckpt, mask) if it["accepted"] else (it, None, None)
 
@@ -234,9 +245,11 @@ def _land_target(ctx: _Context) -> SizeTarget | None:
     if not (p.compress.land and size_targets(p.target)):
         return None
     gflops, params = spec_cost(load_checkpoint(ctx.baseline_ckpt).spec)  # at PROBE_PX
-    t = p.target
-    return SizeTarget(None if t.gflops_ratio is None else t.gflops_ratio * gflops,
-                      None if t.params_ratio is None else int(t.params_ratio * params), p.pad.multiple)
+    t, multiple, room = p.target, p.pad.multiple, 1.0
+    if multiple == "auto":  # the multiple is measured later: land unpadded, leaving padding its allowed growth
+        multiple, room = 1, 1.0 + p.pad.max_growth
+    return SizeTarget(None if t.gflops_ratio is None else t.gflops_ratio * gflops / room,
+                      None if t.params_ratio is None else int(t.params_ratio * params / room), multiple)
 
 
 def _run_iterations(ctx: _Context) -> tuple[list[dict[str, Any]], list[Path], list[Path], Decision]:
@@ -307,6 +320,7 @@ def run_loop(baseline_ckpt: Path, baseline_record: dict[str, Any], params: Param
     if retrained is not None:
         step, info = retrained
         iterations[best - 1]["steps"]["final_retrain"] = step.record
+        iterations[best - 1].setdefault("checkpoints", {})["final_retrain"] = str(step.checkpoint)
         result = replace(result, final_checkpoint=step.checkpoint, final_record=step.record,
                          loop_record=final_record, final_retrain=info)
     return result

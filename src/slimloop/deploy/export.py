@@ -28,8 +28,60 @@ def _has_external_data(path: Path) -> bool:
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
 
 
+_FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+
+
+def _graph_tensors(graph: onnx.GraphProto):
+    """Every constant tensor of ``graph`` and its subgraphs: initializers and Constant attributes."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                yield from _graph_tensors(attr.g)
+
+
+def flush_subnormals(proto: onnx.ModelProto) -> int:
+    """Set every subnormal value of the model's float constants to zero, in place.
+
+    Sparse training drives BN gammas (and the weights they scale) toward zero; a value below the
+    smallest normal float makes CPUs without flush-to-zero take a slow path on every multiply.
+
+    Returns:
+        How many values were flushed.
+    """
+    from onnx import numpy_helper
+
+    flushed = 0
+    for tensor in _graph_tensors(proto.graph):
+        if tensor.data_type not in _FLOAT_TYPES:
+            continue
+        values = numpy_helper.to_array(tensor)
+        tiny = np.finfo(values.dtype).tiny  # the smallest normal number of this dtype
+        subnormal = (values != 0) & (np.abs(values) < tiny)
+        if subnormal.any():
+            values = np.where(subnormal, np.zeros_like(values), values)
+            tensor.CopyFrom(numpy_helper.from_array(values, tensor.name))
+            flushed += int(subnormal.sum())
+    return flushed
+
+
+def count_subnormals(path: str | Path) -> int:
+    """Subnormal values among the float constants of an ONNX file."""
+    from onnx import numpy_helper
+
+    count = 0
+    for tensor in _graph_tensors(onnx.load(str(path)).graph):
+        if tensor.data_type in _FLOAT_TYPES:
+            values = numpy_helper.to_array(tensor)
+            count += int(((values != 0) & (np.abs(values) < np.finfo(values.dtype).tiny)).sum())
+    return count
+
+
 def export_onnx(
-    model: torch.nn.Module, path: str | Path, imgsz: int, dynamic_batch: bool = False, opset: int = 17
+    model: torch.nn.Module, path: str | Path, imgsz: int, dynamic_batch: bool = False, opset: int = 17,
+    flush_denormals: bool = True,
 ) -> Path:
     """Export the eval-mode forward of ``model`` to ONNX, atomically, and validate the file.
 
@@ -43,6 +95,8 @@ def export_onnx(
         imgsz: square input size.
         dynamic_batch: make the batch axis dynamic; otherwise it is fixed to 1.
         opset: ONNX opset version.
+        flush_denormals: set subnormal constants to zero (:func:`flush_subnormals`); False only for
+            the benchmark that shows what they cost.
 
     Returns:
         ``path`` as a Path.
@@ -64,6 +118,10 @@ def export_onnx(
             )
         if _has_external_data(tmp):
             raise SlimloopError(f"{path}: export produced external tensor data; not supported")
+        if flush_denormals:
+            proto = onnx.load(str(tmp))
+            if flush_subnormals(proto):
+                onnx.save(proto, str(tmp))
         try:
             onnx.checker.check_model(str(tmp), full_check=True)
         except onnx.checker.ValidationError as exc:
@@ -72,7 +130,8 @@ def export_onnx(
 
 
 def ort_session(onnx_path: str | Path, threads: int | None = None) -> ort.InferenceSession:
-    """A CPU ONNX Runtime session with all graph optimizations.
+    """A CPU ONNX Runtime session with the options of the latency table
+    (:func:`slimloop.deploy.runtimes.ort_session_options`: denormals as zero, one inter-op thread).
 
     Args:
         onnx_path: the model file.
@@ -81,12 +140,10 @@ def ort_session(onnx_path: str | Path, threads: int | None = None) -> ort.Infere
     Returns:
         The session.
     """
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.inter_op_num_threads = 1
-    if threads is not None:
-        opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(onnx_path), sess_options=opts, providers=["CPUExecutionProvider"])
+    from slimloop.deploy.runtimes import ort_session_options
+
+    return ort.InferenceSession(str(onnx_path), sess_options=ort_session_options(threads),
+                                providers=["CPUExecutionProvider"])
 
 
 def check_onnx(
@@ -117,6 +174,9 @@ def check_onnx(
     if any(isinstance(d, int) and d != n for d, n in zip(declared, x.shape, strict=True)):
         raise SlimloopError(f"{onnx_path}: ONNX input shape {declared} cannot take {tuple(x.shape)}")
     got = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
+    from slimloop.deploy.runtimes import restore_denormals
+
+    restore_denormals()
     if got.shape != expected.shape:
         raise SlimloopError(f"{onnx_path}: ONNX output shape {got.shape} != torch {expected.shape}")
     diff = float(np.abs(got - expected).max()) if got.size else 0.0

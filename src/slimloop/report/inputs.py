@@ -23,6 +23,14 @@ class ReportInputs:
     control: dict[str, Any] | None
     control_note: str
     sweep: list[dict[str, Any]]
+    latency: dict[str, Any] | None = None  # metrics/latency.json: the side-by-side table (None: not measured)
+    int8: dict[str, Any] | None = None  # metrics/int8.json (None: quantization off or not run)
+
+    def latency_row(self, key: str) -> dict[str, Any] | None:
+        """The latency table's row for model ``key`` on the target runtime (None when not measured)."""
+        if not self.latency:
+            return None
+        return next((row for row in self.latency.get("rows", []) if row["name"] == key), None)
 
 
 def _control(path: Path) -> tuple[dict[str, Any] | None, str]:
@@ -34,9 +42,13 @@ def _control(path: Path) -> tuple[dict[str, Any] | None, str]:
     return record, ""
 
 
+def _optional(path: Path, stage: str) -> dict[str, Any] | None:
+    return read_stage_json(path, stage) if path.exists() else None
+
+
 def load_inputs(metrics_dir: Path) -> ReportInputs:
-    """Read ``baseline.json``, ``iterations/iter_<k>.json``, ``final.json``, ``control.json`` and
-    ``imgsz_sweep.json`` from ``metrics_dir``.
+    """Read ``baseline.json``, ``iterations/iter_<k>.json``, ``final.json``, ``control.json``,
+    ``imgsz_sweep.json``, ``latency.json`` and ``int8.json`` from ``metrics_dir``.
 
     Args:
         metrics_dir: the metrics folder the earlier stages wrote.
@@ -54,7 +66,8 @@ def load_inputs(metrics_dir: Path) -> ReportInputs:
     sweep_path = metrics_dir / "imgsz_sweep.json"
     sweep = read_stage_json(sweep_path, "compress", Sweep)["rows"] if sweep_path.exists() else []
     control, note = _control(metrics_dir / "control.json")
-    return ReportInputs(baseline, iterations, final, control, note, sweep)
+    return ReportInputs(baseline, iterations, final, control, note, sweep,
+                        _optional(metrics_dir / "latency.json", "latency"), _optional(metrics_dir / "int8.json", "quantize"))
 
 
 def is_missing(value: Any) -> bool:

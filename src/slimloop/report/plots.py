@@ -74,11 +74,11 @@ def _tradeoff_panel(ax: Any, rows: list[dict[str, Any]], key: str) -> None:
             ax.scatter(r[key], r["map"], label=r["model"], **MARKS[r["kind"]])
 
 
-def plot_tradeoff(rows: list[dict[str, Any]], path: Path, dpi: int) -> None:
-    """mAP@0.5:0.95 against GFLOPs and against ONNX Runtime latency: each iteration's steps joined in
+def plot_tradeoff(rows: list[dict[str, Any]], path: Path, dpi: int, runtime_name: str = "ONNX Runtime CPU") -> None:
+    """mAP@0.5:0.95 against GFLOPs and against the side-by-side latency: each iteration's steps joined in
     order and labelled ``<iteration>:<step>``; baseline, final model and control marked (sweep rows left out)."""
     fig, axes = figure(13, 5.5, 1, 2)
-    for ax, key, label in zip(axes[0], ("gflops", "latency_ms"), ("GFLOPs", "latency ms (ONNX Runtime CPU)"),
+    for ax, key, label in zip(axes[0], ("gflops", "latency_ms"), ("GFLOPs", f"latency ms ({runtime_name}, median)"),
                               strict=True):
         _tradeoff_panel(ax, rows, key)
         ax.set(xlabel=label, ylabel="mAP@0.5:0.95")
@@ -89,7 +89,7 @@ def plot_tradeoff(rows: list[dict[str, Any]], path: Path, dpi: int) -> None:
 
 def plot_pareto(rows: list[dict[str, Any]], path: Path, dpi: int) -> None:
     """Every evaluated model (all steps, control, sweep) in GFLOPs / mAP@0.5:0.95, the front drawn and named."""
-    pts = [r for r in _usable(rows, "gflops") if r["kind"] != "final"]  # "final" repeats an iteration's row
+    pts = [r for r in _usable(rows, "gflops") if r["kind"] not in ("final", "int8")]  # final repeats a row
     fig, axes = figure(9, 6)
     ax = axes[0, 0]
     for kind, colour in KIND_COLOURS.items():
@@ -140,8 +140,8 @@ def plot_channels(iterations: list[dict[str, Any]], path: Path, dpi: int) -> Non
     fig.savefig(path, dpi=dpi)
 
 
-def plot_imgsz_sweep(sweep: list[dict[str, Any]], path: Path, dpi: int) -> None:
-    """mAP (solid: @0.5:0.95, dashed: @0.5) and ONNX Runtime latency against input size, one line per model."""
+def plot_imgsz_sweep(sweep: list[dict[str, Any]], path: Path, dpi: int, runtime_name: str = "ONNX Runtime CPU") -> None:
+    """mAP (solid: @0.5:0.95, dashed: @0.5) and the side-by-side latency against input size, one line per model."""
     if not sweep:
         message_figure("No input-size sweep recorded (metrics/imgsz_sweep.json is missing or empty).", path, dpi)
         return
@@ -151,9 +151,10 @@ def plot_imgsz_sweep(sweep: list[dict[str, Any]], path: Path, dpi: int) -> None:
         x, colour = [r["imgsz"] for r in sel], f"C{n % 10}"
         axes[0, 0].plot(x, [r["map"] for r in sel], "o-", color=colour, label=f"{model} mAP@0.5:0.95")
         axes[0, 0].plot(x, [r["map50"] for r in sel], "s--", color=colour, label=f"{model} mAP@0.5")
-        axes[0, 1].plot(x, [r["latency_ms"] for r in sel], "o-", color=colour, label=model)
+        lat = [(r["imgsz"], r["latency_ms"]) for r in sel if not is_missing(r.get("latency_ms"))]
+        axes[0, 1].plot([s for s, _ in lat], [v for _, v in lat], "o-", color=colour, label=model)
     sizes = sorted({r["imgsz"] for r in sweep})
-    for ax, label in zip(axes[0], ("mAP", "latency ms (ONNX Runtime CPU)"), strict=True):
+    for ax, label in zip(axes[0], ("mAP", f"latency ms ({runtime_name}, median)"), strict=True):
         ax.set(xlabel="input size (px)", ylabel=label, xticks=sizes)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

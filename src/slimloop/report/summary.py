@@ -11,20 +11,24 @@ from typing import Any
 
 from slimloop.compress.decide import REASONS
 from slimloop.config import EvalParams, ReportParams
+from slimloop.deploy.catalogue import model_key
 from slimloop.io import atomic_dir, write_text_atomic
 from slimloop.report.gallery import find_regressions, plot_gallery
 from slimloop.report.inputs import ReportInputs, is_missing
 from slimloop.report.plots import plot_channels, plot_imgsz_sweep, plot_pareto, plot_tradeoff
+from slimloop.report.speed import int8_text, measure_text, pad_auto_text, runtimes_text
 from slimloop.report.tables import (
     ALL_STEPS,
     NA,
     comparison_rows,
     format_table,
     format_value,
+    latency_fields,
     markdown_table,
 )
 
 GAMMA_DIR = "gamma"  # the per-iteration |gamma| histograms, in a folder of their own
+LATENCY_CSV = "latency.csv"  # every row's mAP, GFLOPs and side-by-side latency: dvc.yaml's map_vs_latency plot
 PLOTS = {"tradeoff.png": "Accuracy against cost", "pareto.png": "Pareto front (max mAP@0.5:0.95, min GFLOPs)",
          "channels.png": "Channels per layer", "imgsz_sweep.png": "Input-size sweep",
          "gallery.png": "Boxes the final model misses and the baseline finds"}
@@ -99,16 +103,6 @@ def _final_retrain_text(final: dict[str, Any]) -> str:
             f"{format_value(final['record'].get('map'), '3')} after it.")
 
 
-def _measure_text(inputs: ReportInputs, rows: list[dict[str, Any]]) -> str:
-    threads = sorted({int(r["threads"]) for r in rows if not is_missing(r["threads"])})
-    shown = "/".join(str(t) for t in threads) or NA
-    b = inputs.baseline
-    return (f"Latency is the median batch-1 ONNX Runtime run on the CPU with {shown} thread(s) "
-            f"(torch eager: {format_value(b.get('latency_torch_ms'), '2')} ms for the baseline). "
-            f"Models were evaluated on device `{b.get('device', NA)}`; mAP comes from pycocotools on the `{b.get('split', 'val')}` split. "
-            f"Δ mAP@0.5 is against the baseline row (index 0).")
-
-
 def _control_text(inputs: ReportInputs) -> str:
     c = inputs.control
     if c is None:
@@ -133,9 +127,21 @@ def summary_markdown(inputs: ReportInputs, rows: list[dict[str, Any]], table: st
     """
     plots = "\n".join(f"### {title}\n\n![{name[:-4]}]({name})\n" for name, title in PLOTS.items())
     steps = iteration_text(inputs.iterations)
+    speed = "\n".join(part for part in (runtimes_text(inputs), pad_auto_text(inputs), int8_text(inputs)) if part)
     return (f"# slimloop report\n\n{headline(inputs.final)}\n\n{_stop_text(inputs.final, final_checkpoint)}\n\n"
-            f"{steps + chr(10) + chr(10) if steps else ''}{_measure_text(inputs, rows)}\n\n"
-            f"## Comparison\n\n{table}\n{_control_text(inputs)}\n\n## Plots\n\n{plots}")
+            f"{steps + chr(10) + chr(10) if steps else ''}{measure_text(inputs)}\n\n"
+            f"## Comparison\n\n{table}\n{_control_text(inputs)}\n\n"
+            + (f"## Speed\n\n{speed}\n" if speed else "") + f"## Plots\n\n{plots}")
+
+def latency_csv(rows: list[dict[str, Any]]) -> str:
+    """One line per measured row: model, kind, mAP, GFLOPs and the side-by-side latency and speed-up."""
+    import pandas as pd
+
+    keys = ("model", "key", "kind", "map", "map50", "gflops", "latency_ms", "latency_q1_ms", "latency_q3_ms",
+            "speedup", "speedup_min", "speedup_max")
+    return pd.DataFrame([{k: r.get(k) for k in keys} for r in rows if not is_missing(r.get("latency_ms"))],
+                        columns=list(keys)).to_csv(index=False)
+
 
 
 @dataclass(frozen=True)
@@ -169,7 +175,8 @@ def write_report(inputs: ReportInputs, out_dir: Path, report: ReportParams, eval
         CheckpointError, DataError: a checkpoint or the val split cannot be read (gallery only).
     """
     rows = comparison_rows(inputs)
-    frame = format_table(rows)
+    runtime = (inputs.latency or {}).get("runtime_name", "ONNX Runtime CPU")
+    frame = format_table(rows, runtime)
     markdown = summary_markdown(inputs, rows, markdown_table(frame), final_checkpoint=Path(checkpoints[1]))
     gamma_plots = [Path(p) for p in gamma_plots]
     if gamma_plots:
@@ -179,10 +186,13 @@ def write_report(inputs: ReportInputs, out_dir: Path, report: ReportParams, eval
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         write_text_atomic(tmp / "summary.md", markdown)
-        plot_tradeoff(every, tmp / "tradeoff.png", report.dpi)
+        write_text_atomic(tmp / LATENCY_CSV, latency_csv(every))
+        plot_tradeoff(every, tmp / "tradeoff.png", report.dpi, runtime)
         plot_pareto(every, tmp / "pareto.png", report.dpi)
         plot_channels(inputs.iterations, tmp / "channels.png", report.dpi)
-        plot_imgsz_sweep(inputs.sweep, tmp / "imgsz_sweep.png", report.dpi)
+        sweep = [{**r, "latency_ms": latency_fields(inputs, model_key("sweep", imgsz=r["imgsz"], model=r["model"]))
+                  ["latency_ms"]} for r in inputs.sweep]
+        plot_imgsz_sweep(sweep, tmp / "imgsz_sweep.png", report.dpi, runtime)
         items = (find_regressions(checkpoints, inputs, data_root, eval_params, report.gallery, progress)
                  if report.gallery else None)
         plot_gallery(items, eval_params, tmp / "gallery.png", report.dpi)
@@ -190,5 +200,5 @@ def write_report(inputs: ReportInputs, out_dir: Path, report: ReportParams, eval
             (tmp / GAMMA_DIR).mkdir()
         for path in gamma_plots:
             shutil.copyfile(path, tmp / GAMMA_DIR / path.name)
-    files = [out_dir / "summary.md", *(out_dir / name for name in PLOTS), *(out_dir / GAMMA_DIR / p.name for p in gamma_plots)]
+    files = [out_dir / "summary.md", out_dir / LATENCY_CSV, *(out_dir / name for name in PLOTS), *(out_dir / GAMMA_DIR / p.name for p in gamma_plots)]
     return Report(rows, frame.to_dict("records"), markdown, files)

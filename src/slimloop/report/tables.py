@@ -6,27 +6,48 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from slimloop.deploy.catalogue import model_key
 from slimloop.report.inputs import ReportInputs, is_missing
 
 TABLE_STEPS = ("pruned", "padded", "retrained", "distilled", "final_retrain")
 ALL_STEPS = ("sparse", *TABLE_STEPS)
-ROW_KEYS = ("map50", "map", "size_mb", "latency_ms", "gflops", "params", "imgsz", "threads")
-COLUMNS = ("index", "model", "mAP@0.5", "Δ mAP@0.5 vs baseline", "mAP@0.5:0.95", "size MB",
-           "latency ms (ONNX Runtime CPU)", "GFLOPs", "params")
+ROW_KEYS = ("map50", "map", "size_mb", "gflops", "params", "imgsz")
+LATENCY_KEYS = ("latency_ms", "latency_q1_ms", "latency_q3_ms", "speedup", "speedup_min", "speedup_max")
 NA = "n/a"
 
 
+def columns(runtime_name: str = "ONNX Runtime CPU") -> tuple[str, ...]:
+    """The table's header; latency names the runtime it was measured on."""
+    return ("index", "model", "mAP@0.5", "Δ mAP@0.5 vs baseline", "mAP@0.5:0.95", "size MB",
+            f"latency ms ({runtime_name}): median [IQR]", "speed-up vs baseline [round range]", "GFLOPs", "params")
+
+
 def _row(model: str, kind: str, record: dict[str, Any], iteration: int | None = None,
-         step: str | None = None) -> dict[str, Any]:
-    return {"model": model, "kind": kind, "iteration": iteration, "step": step,
+         step: str | None = None, key: str | None = None) -> dict[str, Any]:
+    return {"model": model, "kind": kind, "iteration": iteration, "step": step, "key": key or model_key(kind),
             **{k: record.get(k) for k in ROW_KEYS}}
 
 
 def _iteration_rows(it: dict[str, Any], steps: Sequence[str]) -> list[dict[str, Any]]:
     k = it["iteration"]
     tag = "" if it.get("accepted", True) else " (rolled back)"
-    return [_row(f"iter {k} {step}{tag}", "iteration", it["steps"][step], k, step)
+    return [_row(f"iter {k} {step}{tag}", "iteration", it["steps"][step], k, step, model_key("iteration", k, step))
             for step in steps if it["steps"].get(step)]
+
+
+def latency_fields(inputs: ReportInputs, key: str) -> dict[str, Any]:
+    """``LATENCY_KEYS`` of model ``key`` from the side-by-side table (None where it was not measured)."""
+    row = inputs.latency_row(key) or {}
+    iqr = row.get("iqr_ms") or (None, None)
+    return {"latency_ms": row.get("median_ms"), "latency_q1_ms": iqr[0], "latency_q3_ms": iqr[1],
+            "speedup": row.get("speedup"), "speedup_min": row.get("speedup_min"), "speedup_max": row.get("speedup_max")}
+
+
+def _int8_rows(inputs: ReportInputs) -> list[dict[str, Any]]:
+    rows = []
+    for name, entry in ((inputs.int8 or {}).get("models") or {}).items():
+        rows.append(_row(f"{name} int8", "int8", entry.get("int8") or {}, key=model_key("int8", model=name)))
+    return rows
 
 
 def _final_name(final: dict[str, Any]) -> str:
@@ -50,7 +71,8 @@ def comparison_rows(inputs: ReportInputs, steps: Sequence[str] = TABLE_STEPS) ->
     rows = [_row("baseline", "baseline", inputs.baseline)]
     reference = inputs.final.get("baseline") or {}
     if reference and reference.get("imgsz") != inputs.baseline.get("imgsz"):
-        rows.append(_row(f"baseline @ {reference.get('imgsz')} (loop reference)", "baseline", reference))
+        rows.append(_row(f"baseline @ {reference.get('imgsz')} (loop reference)", "baseline", reference,
+                         key="baseline_loop"))
     for it in inputs.iterations:
         rows.extend(_iteration_rows(it, steps))
     k = int(inputs.final["final_iteration"])
@@ -58,10 +80,13 @@ def comparison_rows(inputs: ReportInputs, steps: Sequence[str] = TABLE_STEPS) ->
     if inputs.control is not None:
         rows.append(_row(f"control (width x{inputs.control.get('width_multiple', float('nan')):.3f})",
                          "control", inputs.control))
-    rows.extend(_row(f"{r['model']} @ {r['imgsz']}", "sweep", r) for r in inputs.sweep)
+    rows.extend(_int8_rows(inputs))
+    rows.extend(_row(f"{r['model']} @ {r['imgsz']}", "sweep", r,
+                     key=model_key("sweep", imgsz=r["imgsz"], model=r["model"])) for r in inputs.sweep)
     base = inputs.baseline.get("map50")
     for row in rows:
         row["delta_map50"] = None if row["map50"] is None or base is None else row["map50"] - base
+        row.update(latency_fields(inputs, row["key"]))
     return rows
 
 
@@ -88,14 +113,30 @@ def format_value(value: Any, style: str) -> str:
     return f"{float(value):.{style}f}"
 
 
-def format_table(rows: list[dict[str, Any]]) -> Any:
-    """The rows as a pandas DataFrame of display strings with the ``COLUMNS`` of the report."""
+def format_latency(row: dict[str, Any]) -> str:
+    """``median [q1-q3]`` in ms, or n/a."""
+    if is_missing(row.get("latency_ms")):
+        return NA
+    return f"{format_value(row['latency_ms'], '2')} [{format_value(row['latency_q1_ms'], '2')}-" \
+           f"{format_value(row['latency_q3_ms'], '2')}]"
+
+
+def format_speedup(row: dict[str, Any]) -> str:
+    """``2.82x [2.71-2.90]``: the median of the per-round ratios and their range, or n/a."""
+    if is_missing(row.get("speedup")):
+        return NA
+    return f"{row['speedup']:.2f}x [{row['speedup_min']:.2f}-{row['speedup_max']:.2f}]"
+
+
+def format_table(rows: list[dict[str, Any]], runtime_name: str = "ONNX Runtime CPU") -> Any:
+    """The rows as a pandas DataFrame of display strings with the :func:`columns` of the report."""
     import pandas as pd
 
     cells = [[str(i), row["model"], format_value(row["map50"], "3"), format_value(row["delta_map50"], "delta"),
-              format_value(row["map"], "3"), format_value(row["size_mb"], "2"), format_value(row["latency_ms"], "2"),
-              format_value(row["gflops"], "sig"), format_value(row["params"], "int")] for i, row in enumerate(rows)]
-    return pd.DataFrame(cells, columns=list(COLUMNS))
+              format_value(row["map"], "3"), format_value(row["size_mb"], "2"), format_latency(row),
+              format_speedup(row), format_value(row["gflops"], "sig"), format_value(row["params"], "int")]
+             for i, row in enumerate(rows)]
+    return pd.DataFrame(cells, columns=list(columns(runtime_name)))
 
 
 def markdown_table(frame: Any) -> str:
