@@ -9,6 +9,7 @@ from prefect import flow
 from flows.common import base_parser, run_entry
 from slimloop.config import Params, load_params
 from slimloop.io import write_json_atomic
+from slimloop.provenance import with_env
 
 OUT = Path("models/baseline")
 METRICS = Path("metrics/baseline.json")
@@ -22,7 +23,7 @@ def baseline_flow(params: Params, out_dir: Path = OUT, metrics: Path = METRICS, 
     spec, anchor_info = initial_spec(params)
     record = train_and_measure(spec, params, out_dir, progress=progress, stage="baseline")
     record["anchors"] = anchor_info
-    write_json_atomic(metrics, record)
+    write_json_atomic(metrics, with_env(record))
     return record
 
 

@@ -15,6 +15,7 @@ from prefect.transactions import get_transaction
 from flows.common import base_parser, run_entry
 from slimloop.config import Params, load_params
 from slimloop.io import atomic_dir, read_stage_json, write_json_atomic, write_text_atomic
+from slimloop.provenance import with_env
 from slimloop.records import Baseline
 from slimloop.store.entries import (
     files_present,
@@ -140,7 +141,7 @@ def write_outputs(result, out_dir: Path, metrics_dir: Path, imgsz: int, baseline
         for it in result.iterations:
             write_json_atomic(tmp / f"iter_{it['iteration']}.json", it)
     write_text_atomic(metrics_dir / "iterations.csv", _iterations_csv(result))
-    write_json_atomic(metrics_dir / "final.json", result.summary())
+    write_json_atomic(metrics_dir / "final.json", with_env(result.summary()))
 
 
 @flow(name="compress", log_prints=True)

@@ -10,6 +10,7 @@ from prefect import flow
 from flows.common import base_parser, run_entry
 from slimloop.config import Params, load_params
 from slimloop.io import read_stage_json, write_json_atomic
+from slimloop.provenance import with_env
 from slimloop.records import ControlTarget
 
 BASELINE = Path("models/baseline")
@@ -34,7 +35,7 @@ def control_flow(params: Params, baseline_dir: Path = BASELINE, out_dir: Path = 
     metrics = metrics_dir / "control.json"
     if not params.control.enabled:
         record = {"enabled": False}
-        write_json_atomic(metrics, record)
+        write_json_atomic(metrics, with_env(record))
         return record
     final = read_stage_json(metrics_dir / "final.json", "compress", ControlTarget)
     target = float(final["record"]["gflops"])
@@ -43,7 +44,7 @@ def control_flow(params: Params, baseline_dir: Path = BASELINE, out_dir: Path = 
                            Path(params.data.out_dir), out_dir, progress=progress)
     record = {"enabled": True, **record}
     export_catalogue([("control", Path(record["checkpoint"]), imgsz)], out_dir / "onnx", "control")
-    write_json_atomic(metrics, record)
+    write_json_atomic(metrics, with_env(record))
     return record
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from flows.common import base_parser, run_entry
+from slimloop.provenance import with_env
 
 MODELS = Path("models")
 OUT = Path("metrics/latency.json")
@@ -28,7 +29,7 @@ def latency_stage(params, models_dir: Path = MODELS, out: Path = OUT) -> dict:
         raise ConfigError(f"{models_dir / 'compressed' / 'onnx' / 'index.json'}: no baseline model; "
                           "run the compress stage first")
     table = latency_table(files, params.latency, baseline="baseline", per_runtime=per_runtime)
-    write_json_atomic(out, table)
+    write_json_atomic(out, with_env(table))
     return table
 
 
@@ -45,7 +46,7 @@ def board_measure(paths: list[Path], latency, baseline: str | None, out: Path | 
         raise ConfigError(f"--baseline {baseline}: not among the models ({', '.join(files)})")
     table = latency_table(files, latency, baseline=baseline or next(iter(files)))
     if out is not None:
-        write_json_atomic(out, table)
+        write_json_atomic(out, with_env(table))
     return table
 
 

@@ -10,6 +10,7 @@ from prefect import flow
 from flows.common import base_parser, run_entry
 from slimloop.config import DataParams, load_params
 from slimloop.io import write_json_atomic
+from slimloop.provenance import with_env
 
 METRICS = Path("metrics/data.json")
 PLOTS = Path("plots/data")
@@ -30,7 +31,7 @@ def prepare_flow(
     stats["dropped"] = summary.get("dropped", 0)
     stats["invalid_report"] = summary.get("report")
     stats["warnings"] = summary.get("warnings", [])
-    write_json_atomic(metrics, stats)
+    write_json_atomic(metrics, with_env(stats))
     plot_samples(data.out_dir, "train", plots / "samples.png", seed=data.seed)
     plot_box_sizes(data.out_dir, plots / "box_sizes.png")
     return stats

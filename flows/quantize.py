@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from flows.common import base_parser, run_entry
+from slimloop.provenance import with_env
 
 MODELS = Path("models")
 OUT = Path("models/int8")
@@ -23,7 +24,7 @@ def quantize_stage(params, models_dir: Path = MODELS, out_dir: Path = OUT, metri
         with atomic_dir(out_dir):
             pass  # an empty folder: nothing INT8 to measure
         record = {"enabled": False}
-        write_json_atomic(metrics_dir / "int8.json", record)
+        write_json_atomic(metrics_dir / "int8.json", with_env(record))
         return record
     catalogue = read_catalogue(models_dir / "compressed" / "onnx", "compress")
     missing = [k for k in ("baseline", "final") if k not in catalogue]
@@ -37,7 +38,7 @@ def quantize_stage(params, models_dir: Path = MODELS, out_dir: Path = OUT, metri
     with atomic_dir(out_dir) as tmp:
         record = quantize_models(models, Path(params.data.out_dir), params.eval, params.quant, runtimes, tmp)
     record["files"] = {name: str(out_dir / f"{name}_int8.onnx") for name in models}
-    write_json_atomic(metrics_dir / "int8.json", record)
+    write_json_atomic(metrics_dir / "int8.json", with_env(record))
     return record
 
 

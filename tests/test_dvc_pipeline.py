@@ -171,3 +171,24 @@ def test_rerun_on_cpu_reproduces_the_metrics(project):
     for step, rec in iteration.items():
         if rec is not None:
             assert {k: steps[step][k] for k in STABLE} == {k: rec[k] for k in STABLE}, step
+
+
+def test_push_then_pull_in_another_clone_is_clean_and_repro_does_nothing(project, tmp_path):
+    """What a colleague does months later: clone, `dvc pull`, and the pipeline is up to date."""
+    project.run("git", "add", "-A")
+    project.run("git", "commit", "-qm", "before push", check=False)  # nothing to commit is fine
+    remote = tmp_path / "remote"
+    project.dvc("remote", "add", "--local", "-d", "-f", "scratch", str(remote))
+    project.dvc("push")
+    other = Project(tmp_path / "clone", tmp_path / "other-store")  # no step store of its own yet
+    other.env["PREFECT_API_URL"] = project.env["PREFECT_API_URL"]
+    project.run("git", "clone", "-q", str(project.root), str(other.root))
+    other.dvc("remote", "add", "--local", "-d", "scratch", str(remote))
+    other.dvc("pull")
+    assert json.loads(other.dvc("status", "--json").stdout) == {}
+    started = time.perf_counter()
+    assert ran(other.dvc("repro")) == set()
+    assert time.perf_counter() - started < 30
+    assert other.dvc("metrics", "diff", "--json").stdout.strip() in ("", "{}")
+    final = project.root / "models" / "compressed" / "final.safetensors"
+    assert (other.root / "models" / "compressed" / "final.safetensors").read_bytes() == final.read_bytes()

@@ -189,15 +189,33 @@ def test_floor_is_a_true_lower_bound_for_real_prunes():
 
 
 def test_fuzz_case_counts():
-    """Each fuzz test runs up to its ``max_examples`` (fewer only if hypothesis exhausts the inputs)."""
+    """Each fuzz test is set to run its ``max_examples``, and hypothesis really generates that many
+    distinct cases: counted by wrapping each test's body and running it at a small budget."""
+    from hypothesis import settings
+
     sys.path.insert(0, str(ROOT / "tests"))
     try:
         import test_fuzz_import as fuzz
     finally:
         sys.path.remove(str(ROOT / "tests"))
-    counts = {name: fn._hypothesis_internal_use_settings.max_examples
-              for name, fn in vars(fuzz).items() if name.startswith("test_")}
+    tests = {name: fn for name, fn in vars(fuzz).items() if name.startswith("test_")}
+    counts = {name: fn._hypothesis_internal_use_settings.max_examples for name, fn in tests.items()}
     assert counts == {"test_structured_label_lines": 300, "test_arbitrary_label_text": 500,
                       "test_arbitrary_label_bytes": 500, "test_coco_arbitrary_json": 400,
                       "test_coco_like_structures": 600}
-    assert sum(counts.values()) == 2300
+    for name, fn in tests.items():
+        seen: list[str] = []
+        inner = fn.hypothesis.inner_test
+
+        def counting(*args, _inner=inner, _seen=seen, **kwargs):
+            _seen.append(repr(sorted(kwargs.items())))
+            return _inner(*args, **kwargs)
+
+        declared = fn._hypothesis_internal_use_settings
+        fn.hypothesis.inner_test = counting
+        fn._hypothesis_internal_use_settings = settings(declared, max_examples=25, database=None, derandomize=True)
+        try:
+            fn()
+        finally:
+            fn.hypothesis.inner_test, fn._hypothesis_internal_use_settings = inner, declared
+        assert len(seen) >= 25 and len(set(seen)) >= 15, (name, len(seen), len(set(seen)))  # generated and run

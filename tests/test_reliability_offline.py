@@ -39,14 +39,23 @@ def _refuse(what):
     raise OSError(101, f"network is unreachable (no-network test): {what}")
 
 
+def _remote(self, address):
+    """Anything but this machine's own services (a local Prefect server): the fake proxy on port 9
+    counts as remote, since reaching it means a request meant for the internet."""
+    if self.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    host, port = address[0], address[1]
+    return host not in ("127.0.0.1", "::1", "localhost") or port == 9
+
+
 def connect(self, address):
-    if self.family in (socket.AF_INET, socket.AF_INET6):
+    if _remote(self, address):
         _refuse(f"connect {address!r}")
     return _connect(self, address)
 
 
 def connect_ex(self, address):
-    if self.family in (socket.AF_INET, socket.AF_INET6):
+    if _remote(self, address):
         _refuse(f"connect_ex {address!r}")
     return _connect_ex(self, address)
 
@@ -62,10 +71,10 @@ socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo = connect, c
 
 PIPELINE = '''
 import sys
-from flows import baseline, prepare
+from flows import baseline, compress, prepare
 from flows.common import run_entry
 
-for stage in (prepare, baseline):
+for stage in (prepare, baseline, compress):
     try:
         run_entry(lambda: stage.main(["--params", "params.yaml", "--quiet"]))
     except SystemExit as exc:
@@ -79,13 +88,18 @@ TINY_PIPELINE_PARAMS = {
     "model": {"base": "n", "width_multiple": 0.125, "depth_multiple": 0.33, "autoanchor": False},
     "train": {"imgsz": 64, "epochs": 1, "batch_size": 4, "workers": 0, "device": "cpu", "amp": False},
     "eval": {"latency_runs": 2, "latency_warmup": 1, "imgsz_sweep": [64]},
+    "sparse": {"epochs": 1},
+    "prune": {"min_channels": 2, "recalibrate": 4},
+    "retrain": {"epochs": 1},
+    "compress": {"iterations": 1, "step_ratio": 0.3, "min_retention": 0.0, "final_retrain": "off"},
+    "target": {"gflops_ratio": None, "params_ratio": None},
 }
 
 
 UNREACHABLE = "http://127.0.0.1:9"
 PROXY_ENV = {"HTTP_PROXY": UNREACHABLE, "HTTPS_PROXY": UNREACHABLE, "ALL_PROXY": UNREACHABLE,
              "http_proxy": UNREACHABLE, "https_proxy": UNREACHABLE, "all_proxy": UNREACHABLE,
-             "NO_PROXY": "", "no_proxy": ""}
+             "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
 
 
 def test_tiny_pipeline_runs_with_every_connection_refused(tmp_path, monkeypatch):
@@ -135,9 +149,10 @@ def test_tiny_pipeline_runs_with_every_connection_refused(tmp_path, monkeypatch)
 
 @pytest.mark.slow
 def test_tiny_pipeline_entry_points_need_no_network(tmp_path):
-    """A fresh interpreter (imports included): ``flows.prepare`` (synthetic data) and
-    ``flows.baseline`` (1 epoch of training, evaluation, ONNX export and ONNX Runtime latency) with
-    proxies pointing nowhere and every socket connection refused and logged."""
+    """A fresh interpreter (imports included): ``flows.prepare`` (synthetic data),
+    ``flows.baseline`` (1 epoch of training, evaluation, ONNX export and ONNX Runtime latency) and
+    ``flows.compress`` (the loop as Prefect tasks, on a temporary Prefect server on loopback) with
+    proxies pointing nowhere and every other socket connection refused and logged."""
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(NET_GUARD)
@@ -146,6 +161,8 @@ def test_tiny_pipeline_entry_points_need_no_network(tmp_path):
     (work / "params.yaml").write_text(yaml.safe_dump(TINY_PIPELINE_PARAMS))
     log = tmp_path / "net.log"
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": f"{site}:{ROOT}",
+           "SLIMLOOP_CACHE": str(tmp_path / "store"), "PREFECT_HOME": str(tmp_path / "prefect"),
+           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
            "SLIMLOOP_NET_LOG": str(log), "OMP_NUM_THREADS": "2", **PROXY_ENV}
     out = subprocess.run([sys.executable, "-c", "import socket; assert socket.getaddrinfo.__module__ == "
                           "'sitecustomize', 'guard not loaded'\n" + PIPELINE],
@@ -156,3 +173,6 @@ def test_tiny_pipeline_entry_points_need_no_network(tmp_path):
     assert {"map50", "map", "gflops", "latency_quick_ms"} <= set(record)
     assert (work / "models" / "baseline" / "model.onnx").stat().st_size > 10_000
     assert (work / "data" / "prepared" / "train.json").exists()
+    final = json.loads((work / "metrics" / "final.json").read_text())
+    assert final["iterations_run"] == 1 and (work / "models" / "compressed" / "final.safetensors").exists()
+    assert "running the steps through the step store" not in out.stderr  # Prefect itself ran, offline

@@ -47,8 +47,12 @@ def cpu_info(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
 
 
 def gpu_info() -> dict[str, Any] | None:
-    """The CUDA device torch would use (name, capability, CUDA and cuDNN versions), or None."""
-    import torch
+    """The CUDA device torch would use (name, capability, CUDA and cuDNN versions), or None (also
+    where torch is not installed, as on a board that only runs the ONNX files)."""
+    try:
+        import torch
+    except ImportError:
+        return None
 
     if not torch.cuda.is_available():
         return None
@@ -77,7 +81,16 @@ def git_commit(cwd: Path | None = None) -> dict[str, Any] | None:
 def environment(cwd: Path | None = None) -> dict[str, Any]:
     """Everything above in one JSON-able dict, with Python's version and torch's thread count:
     the ``env`` key of every metrics file slimloop writes."""
-    import torch
+    try:
+        import torch
 
+        threads = torch.get_num_threads()
+    except ImportError:
+        threads = None
     return {"python": platform.python_version(), "packages": package_versions(), "cpu": cpu_info(),
-            "gpu": gpu_info(), "torch_threads": torch.get_num_threads(), "git": git_commit(cwd)}
+            "gpu": gpu_info(), "torch_threads": threads, "git": git_commit(cwd)}
+
+
+def with_env(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with its ``env`` (:func:`environment`): how every metrics file says what made it."""
+    return {**record, "env": environment(Path.cwd())}
