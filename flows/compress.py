@@ -114,9 +114,11 @@ def _iterations_csv(result) -> str:
 
 
 def write_outputs(result, out_dir: Path, metrics_dir: Path, imgsz: int) -> None:
-    """Final checkpoint, spec and ONNX into ``out_dir``; per-iteration JSON, CSV and final.json."""
+    """Final checkpoint, spec and ONNX (ours and YOLOv5's layout) into ``out_dir``; per-iteration JSON,
+    CSV and final.json."""
     from slimloop.checkpoint import load_model
     from slimloop.deploy.export import export_onnx
+    from slimloop.deploy.yolov5_onnx import FILE_NAME, export_yolov5_onnx
     from slimloop.model import save_spec
     from slimloop.report.plots import draw_gamma_histograms
 
@@ -125,6 +127,7 @@ def write_outputs(result, out_dir: Path, metrics_dir: Path, imgsz: int) -> None:
         model = load_model(result.final_checkpoint)
         save_spec(model.spec, tmp / "spec.json")
         export_onnx(model, tmp / "model.onnx", imgsz, dynamic_batch=True)
+        export_yolov5_onnx(model, tmp / FILE_NAME, imgsz)  # for yolov5's detect.py and its users' code
         for it in result.iterations:
             rows = it.get("gamma_histogram") or []
             if rows:
