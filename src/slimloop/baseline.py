@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from slimloop.config import Params
-from slimloop.errors import ConfigError
+from slimloop.errors import ConfigError, UnsupportedModelError
 
 
 def initial_spec(params: Params) -> tuple[Any, dict[str, float]]:
@@ -72,6 +72,10 @@ def import_checkpoint(params: Params) -> tuple[Any, dict[str, Any]]:
     names = tuple(read_split(root, "train").names)
     imported = import_yolov5(params.model.checkpoint, params.model.checkpoint_yaml, names=names)
     model = imported.model
+    if model.detect.nl != len(params.train.loss.balance):
+        raise UnsupportedModelError(
+            f"{params.model.checkpoint}: {model.detect.nl} detection levels; slimloop trains "
+            f"{len(params.train.loss.balance)} (train.loss.balance): P6 models such as yolov5n6 are not supported")
     wh = box_wh(DetectionDataset(root, "train", params.train.imgsz, None, cache_images=False))
     bpr = best_possible_recall(model.detect.anchors.numpy(), wh, params.train.loss.anchor_t)
     return model, {"imported": imported.info, "anchors": {"refit": False, "bpr": round(bpr, 4)}}

@@ -16,6 +16,7 @@ what a global may become:
 
 from __future__ import annotations
 
+import io
 import pickletools
 import zipfile
 from collections import OrderedDict
@@ -177,12 +178,14 @@ def _storage_loader(zf: zipfile.ZipFile, prefix: str, source: str) -> Callable[[
 
 
 def _globals_of(data: bytes) -> list[str]:
-    """Names of the GLOBAL opcodes of a pickle (parsed, never run), for error messages."""
-    found = []
+    """Names of the GLOBAL opcodes of the pickles one after another in ``data`` (parsed, never run),
+    for error messages; a legacy torch file is several pickles in a row, then raw storage bytes."""
+    found, stream = [], io.BytesIO(data)
     try:
-        for op, arg, _ in pickletools.genops(data):
-            if op.name in ("GLOBAL", "INST") and isinstance(arg, str):
-                found.append(arg.replace(" ", "."))
+        while stream.tell() < len(data) and data[stream.tell():stream.tell() + 1] == b"\x80":
+            for op, arg, _ in pickletools.genops(stream):
+                if op.name in ("GLOBAL", "INST") and isinstance(arg, str):
+                    found.append(arg.replace(" ", "."))
     except Exception:  # noqa: BLE001 - a best-effort listing for a message about a file we refuse anyway
         pass
     return found

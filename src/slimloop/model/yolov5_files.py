@@ -128,7 +128,7 @@ def read_model_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-_GLOBAL = re.compile(r"GLOBAL ([\w.]+) ?([\w.]*)")
+_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")  # torch names the refused global "GLOBAL module.name"
 
 
 def _weights_only_error(path: Path, exc: Exception) -> CheckpointError:
@@ -136,9 +136,8 @@ def _weights_only_error(path: Path, exc: Exception) -> CheckpointError:
     found = _GLOBAL.search(str(exc))
     if not found:
         return CheckpointError(f"{path}: torch.load(weights_only=True) refused it: {str(exc).splitlines()[0]}")
-    module, name = found.group(1), found.group(2)
-    qualname = f"{module}.{name}" if name else module
-    if qualname.rsplit(".", 1)[0] in MODULE_PACKAGES or module in MODULE_PACKAGES:
+    qualname = found.group(1)
+    if qualname.rsplit(".", 1)[0] in MODULE_PACKAGES:
         return CheckpointError(f"{path}: a full yolov5 checkpoint (it holds {qualname}), not a state dict: "
                                "leave model.checkpoint_yaml empty to read it with its own yaml")
     return UnsafePickleError(str(path), qualname)

@@ -257,7 +257,8 @@ def _load_strict(model: Detector, mapped: dict[str, torch.Tensor], origin: dict[
     own = model.state_dict()
 
     def where(key: str) -> str:
-        name = origin.get(key, key)
+        name = origin.get(key) or (f"model.{len(rows) - 1}.{key[7:]}" if key.startswith("detect.")
+                                   else "model." + key.removeprefix("layers."))
         i = int(name.split(".")[1]) if name.split(".")[1].isdigit() else None
         return f"{name} ({rows[i].label})" if i is not None and i < len(rows) else name
 
