@@ -45,6 +45,8 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
                 m.bias.copy_(torch.randn(n, generator=gen) * 0.1)
                 m.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
                 m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+            elif isinstance(m, torch.nn.Conv2d):  # unit gain: spatial detail survives the 24 layers
+                m.weight.copy_(torch.randn(m.weight.shape, generator=gen) / m.weight[0].numel() ** 0.5)
         for conv in model.model[-1].m:  # the head: spread objectness and class scores over (0, 1)
             conv.bias.copy_(torch.randn(conv.bias.shape, generator=gen))
     return model
