@@ -9,11 +9,11 @@ import time
 
 import pytest
 import torch
+from tests.test_dvc_pipeline import STAGES, Project, _copy_project, ran
+from tests.yolov5_models import make_model, save_like_train_py, yolov5_yaml
 
 from slimloop.checkpoint import load_model
 from slimloop.model.yolov5_import import import_yolov5
-from tests.test_dvc_pipeline import STAGES, Project, _copy_project, ran
-from tests.yolov5_models import make_model, save_like_train_py, yolov5_yaml
 
 pytestmark = pytest.mark.slow
 NAMES = ("barcode", "qrcode")
