@@ -33,9 +33,15 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PIP) install -q -e .
 	@touch $@
 
+# the yolov5 interop tests: the yolov5 package without its declared dependencies (they pull
+# opencv-python, which conflicts with opencv-python-headless); these are all its model, export and
+# val code import beyond ours (docs/yolov5.md, "Dependencies")
+YOLOV5_TEST_PINS ?= yolov5==7.0.14 ultralytics==8.4.190 seaborn==0.13.2 setuptools==80.9.0
+
 $(VENV)/.installed-dev: pyproject.toml | $(PY)
 	$(PIP) install -q $(TORCH_PINS)
 	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q --no-deps $(YOLOV5_TEST_PINS)
 	@touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
