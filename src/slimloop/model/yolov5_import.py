@@ -9,13 +9,13 @@ nn.Upsample, Concat, Detect. Anything else names itself and its row.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from slimloop.checkpoint import file_sha256
 from slimloop.errors import CheckpointError, UnsupportedModelError
 from slimloop.model.blocks import BN_EPS
 from slimloop.model.build import Detector, build_model, make_divisible
@@ -329,14 +329,6 @@ def _class_names(found: tuple[str, ...] | None, nc: int, expected: tuple[str, ..
     return tuple(found), "checkpoint"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def import_yolov5(path: str | Path, yaml_path: str | Path | None = None,
                   names: tuple[str, ...] | None = None) -> ImportedModel:
     """Read a yolov5 model (full checkpoint, or state dict + yaml) into a slimloop ``Detector``.
@@ -366,8 +358,8 @@ def import_yolov5(path: str | Path, yaml_path: str | Path | None = None,
         raise CheckpointError(f"{src.path}: the imported structure does not build: {exc}") from None
     _load_strict(model, mapped, facts["origin"], facts["rows"], str(src.path))
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in src.state.values() if t.is_floating_point()})
-    info = {"source": str(src.path), "sha256": _sha256(Path(src.path)), "form": src.form, **src.meta,
+    info = {"source": str(src.path), "sha256": file_sha256(src.path), "form": src.form, **src.meta,
             "names_from": names_from, "stored_dtypes": dtypes, "widths_as_yaml": facts["widths_as_yaml"]}
     if yaml_path is not None:
-        info["yaml_sha256"] = _sha256(Path(yaml_path))
+        info["yaml_sha256"] = file_sha256(yaml_path)
     return ImportedModel(model.eval(), info)
