@@ -1,4 +1,4 @@
-"""Stage `baseline`: fit anchors, train the default spec, evaluate and profile it, export ONNX."""
+"""Stage `baseline`: train the default spec or import a yolov5 model; evaluate, profile, export ONNX."""
 
 from __future__ import annotations
 
@@ -17,12 +17,18 @@ METRICS = Path("metrics/baseline.json")
 
 @flow(name="baseline", log_prints=True)
 def baseline_flow(params: Params, out_dir: Path = OUT, metrics: Path = METRICS, progress: bool = True) -> dict:
-    """Train the baseline detector and write its checkpoint, spec, ONNX file and metrics."""
-    from slimloop.baseline import initial_spec, train_and_measure
+    """Train (or import) the baseline detector and write its checkpoint, spec, ONNX file and metrics."""
+    from slimloop.baseline import import_checkpoint, initial_spec, train_and_measure
 
-    spec, anchor_info = initial_spec(params)
-    record = train_and_measure(spec, params, out_dir, progress=progress, stage="baseline")
-    record["anchors"] = anchor_info
+    if params.model.checkpoint:
+        start, facts = import_checkpoint(params)
+        record = train_and_measure(start.spec, params, out_dir, progress=progress, stage="baseline",
+                                   start=start, start_info=facts["imported"])
+        record.update(facts)
+    else:
+        spec, anchor_info = initial_spec(params)
+        record = train_and_measure(spec, params, out_dir, progress=progress, stage="baseline")
+        record["anchors"] = anchor_info
     write_json_atomic(metrics, with_env(record))
     return record
 

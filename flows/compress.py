@@ -118,11 +118,12 @@ def _iterations_csv(result) -> str:
 
 def write_outputs(result, out_dir: Path, metrics_dir: Path, imgsz: int, baseline_ckpt: Path,
                   baseline_imgsz: int, sweep_sizes: list[int] = ()) -> None:
-    """Final checkpoint, spec and ONNX into ``out_dir``, with ``onnx/``: every model the report shows
+    """Final checkpoint, spec and ONNX (ours and YOLOv5's layout) into ``out_dir``, with ``onnx/``: every model the report shows
     as a batch-1 ONNX file (the latency stage measures them); per-iteration JSON, CSV and final.json."""
     from slimloop.checkpoint import load_model
     from slimloop.deploy.catalogue import export_catalogue, loop_entries
     from slimloop.deploy.export import export_onnx
+    from slimloop.deploy.yolov5_onnx import FILE_NAME, export_yolov5_onnx
     from slimloop.model import save_spec
     from slimloop.report.plots import draw_gamma_histograms
 
@@ -133,6 +134,7 @@ def write_outputs(result, out_dir: Path, metrics_dir: Path, imgsz: int, baseline
         export_onnx(model, tmp / "model.onnx", imgsz, dynamic_batch=True)
         export_catalogue(loop_entries(result.iterations, baseline_ckpt, tmp / "final.safetensors", imgsz,
                                       baseline_imgsz, sweep_sizes), tmp / "onnx", "compress")
+        export_yolov5_onnx(model, tmp / FILE_NAME, imgsz)  # for yolov5's detect.py and its users' code
         for it in result.iterations:
             rows = it.get("gamma_histogram") or []
             if rows:

@@ -33,11 +33,14 @@ def transfer(params: Params, spec: Path, data: Path, out_dir: Path, epochs: int 
         raise ConfigError(f"--spec: {spec} does not exist")
     if not (Path(data) / "train.json").is_file():
         raise ConfigError(f"--data: {data} is not a prepared dataset (no train.json); run flows.prepare first")
-    update = {"model": params.model.model_copy(update={"spec": str(spec)}),
+    # the saved structure is trained from random weights: an imported checkpoint plays no part
+    update = {"model": params.model.model_copy(update={"spec": str(spec), "checkpoint": None, "checkpoint_yaml": None}),
               "data": params.data.model_copy(update={"out_dir": str(data)})}
     if epochs is not None:
         update["train"] = params.train.model_copy(update={"epochs": epochs})
     params = params.model_copy(update=update)
+    if params.train.epochs < 1:
+        raise ConfigError("transfer trains from scratch: give --epochs (train.epochs is 0)")
     model_spec, anchors = initial_spec(params)
     record = train_and_measure(model_spec, params, out_dir, progress=progress, stage="transfer")
     record.update(anchors=anchors, spec=str(spec), data=str(data))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
@@ -122,6 +122,20 @@ class DataParams(StrictModel):
         return self
 
 
+IMPORTS_DIR = "imports"  # dvc.yaml's baseline stage depends on this folder by content
+
+
+def _inside_imports(value: str | None) -> str | None:
+    """A relative path inside ``imports/``: only there does ``dvc repro`` see its content change."""
+    if value is None:
+        return None
+    path = PurePosixPath(value.replace("\\", "/"))
+    if path.is_absolute() or ".." in path.parts or len(path.parts) < 2 or path.parts[0] != IMPORTS_DIR:
+        raise ValueError(f"must be a relative path inside {IMPORTS_DIR}/ (the folder dvc.yaml's baseline stage "
+                         f"depends on by content), got {value!r}: copy the file there")
+    return str(path)
+
+
 class ModelParams(StrictModel):
     """Which detector to start from."""
 
@@ -130,6 +144,21 @@ class ModelParams(StrictModel):
     depth_multiple: float | None = Field(None, gt=0, le=2, description="overrides the base's depth")
     spec: str | None = Field(None, description="a saved ModelSpec (JSON/YAML) to train instead")
     autoanchor: bool = True
+    checkpoint: Annotated[str | None, AfterValidator(_inside_imports)] = Field(
+        None, description="a yolov5 model to start from instead of training one: a train.py checkpoint "
+                          "(best.pt), or a state dict (.pt or .safetensors) with checkpoint_yaml; under imports/")
+    checkpoint_yaml: Annotated[str | None, AfterValidator(_inside_imports)] = Field(
+        None, description="the model yaml of a state-dict checkpoint (a full checkpoint carries its own)")
+
+    @model_validator(mode="after")
+    def _one_start(self) -> ModelParams:
+        if self.checkpoint_yaml and not self.checkpoint:
+            raise ValueError("checkpoint_yaml is set but checkpoint is not")
+        if self.checkpoint and self.spec:
+            raise ValueError("give at most one of spec (train a structure) and checkpoint (import weights)")
+        if self.checkpoint and self.checkpoint.lower().endswith(".safetensors") and not self.checkpoint_yaml:
+            raise ValueError("a .safetensors checkpoint is a bare state dict: set checkpoint_yaml to its model yaml")
+        return self
 
 
 class AugmentParams(StrictModel):
@@ -160,7 +189,7 @@ class TrainParams(StrictModel):
     """One training run (baseline, retrain, control all use this shape)."""
 
     imgsz: ImgSize = 160
-    epochs: int = Field(19, ge=1)
+    epochs: int = Field(19, ge=0, description="0: no training (only with model.checkpoint: evaluate the import)")
     batch_size: int = Field(16, ge=1)
     lr0: float = Field(0.02, gt=0, le=1)
     lrf: float = Field(0.01, gt=0, le=1, description="final lr as a fraction of lr0")
@@ -395,6 +424,23 @@ class Params(StrictModel):
     target: TargetParams = TargetParams()
     control: ControlParams = ControlParams()
     report: ReportParams = ReportParams()
+
+    @model_validator(mode="after")
+    def _imported_start(self) -> Params:
+        """What ``train.epochs: 0`` (an imported model evaluated as it is) leaves undefined."""
+        if self.train.epochs == 0 and not self.model.checkpoint:
+            raise ValueError("train.epochs is 0, which only means something with model.checkpoint "
+                             "(evaluate the imported model as it is)")
+        if self.train.epochs == 0 and self.compress.final_retrain != "off" and self.compress.final_epochs is None:
+            raise ValueError("compress.final_epochs is null, which means train.epochs, and train.epochs is 0: "
+                             "set compress.final_epochs")
+        if self.model.checkpoint and self.retrain.mode == "rewind" and self.train.epochs < self.retrain.rewind_epoch:
+            raise ValueError(
+                f"retrain.mode rewind restores the baseline's weights after retrain.rewind_epoch = "
+                f"{self.retrain.rewind_epoch} epochs of its training, but the imported model.checkpoint is "
+                f"trained here for train.epochs = {self.train.epochs}: finetune it at least that long, or "
+                "use retrain.mode finetune or scratch")
+        return self
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -21,6 +21,21 @@ class CheckpointError(SlimloopError):
     """A checkpoint file is missing, corrupt, or does not match the expected spec."""
 
 
+class UnsafePickleError(CheckpointError):
+    """A pickled checkpoint names a global that loading must not call; nothing in it was run."""
+
+    def __init__(self, source: str, global_name: str):
+        self.source, self.global_name = source, global_name
+        super().__init__(
+            f"{source}: refused: the pickle calls {global_name}, which is neither a tensor, a plain "
+            "container nor a model class; nothing in the file was run (a checkpoint that runs code "
+            "when loaded is either broken or an attack)")
+
+
+class UnsupportedModelError(CheckpointError):
+    """An imported model has a module (or a setting) slimloop cannot represent; names it and its row."""
+
+
 class TrainingError(SlimloopError):
     """Training cannot continue (for example a non-finite loss); names the epoch and step."""
 
