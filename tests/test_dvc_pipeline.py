@@ -156,23 +156,6 @@ def test_killed_repro_completes_serves_finished_steps_and_metrics_diff_shows_it(
     project.commit("step ratio 0.5")
 
 
-def test_rerun_on_cpu_reproduces_the_metrics(project):
-    """`dvc repro --force` of the loop with an empty step store gives the committed numbers again."""
-    committed = project.metrics("final.json")["record"]
-    iteration = project.metrics("iterations/iter_1.json")["steps"]
-    project.env["SLIMLOOP_CACHE"] = str(project.store.parent / "fresh-store")
-    try:
-        project.dvc("repro", "--force", "--single-item", "compress")
-    finally:
-        project.env["SLIMLOOP_CACHE"] = str(project.store)
-    again = project.metrics("final.json")["record"]
-    assert {k: again[k] for k in STABLE} == {k: committed[k] for k in STABLE}
-    steps = project.metrics("iterations/iter_1.json")["steps"]
-    for step, rec in iteration.items():
-        if rec is not None:
-            assert {k: steps[step][k] for k in STABLE} == {k: rec[k] for k in STABLE}, step
-
-
 def test_push_then_pull_in_another_clone_is_clean_and_repro_does_nothing(project, tmp_path):
     """What a colleague does months later: clone, `dvc pull`, and the pipeline is up to date."""
     project.run("git", "add", "-A")
@@ -192,3 +175,21 @@ def test_push_then_pull_in_another_clone_is_clean_and_repro_does_nothing(project
     assert other.dvc("metrics", "diff", "--json").stdout.strip() in ("", "{}")
     final = project.root / "models" / "compressed" / "final.safetensors"
     assert (other.root / "models" / "compressed" / "final.safetensors").read_bytes() == final.read_bytes()
+
+
+def test_rerun_on_cpu_reproduces_the_metrics(project):
+    """`dvc repro --force` of the loop with an empty step store gives the committed numbers again."""
+    committed = project.metrics("final.json")["record"]
+    iteration = project.metrics("iterations/iter_1.json")["steps"]
+    project.env["SLIMLOOP_CACHE"] = str(project.store.parent / "fresh-store")
+    try:
+        project.dvc("repro", "--force", "--single-item", "compress")
+    finally:
+        project.env["SLIMLOOP_CACHE"] = str(project.store)
+    again = project.metrics("final.json")["record"]
+    assert {k: again[k] for k in STABLE} == {k: committed[k] for k in STABLE}
+    steps = project.metrics("iterations/iter_1.json")["steps"]
+    for step, rec in iteration.items():
+        if rec is not None:
+            assert {k: steps[step][k] for k in STABLE} == {k: rec[k] for k in STABLE}, step
+
