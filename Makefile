@@ -57,8 +57,10 @@ install-dev: $(VENV)/.installed-dev
 demo: install
 	$(VENV)/bin/dvc repro
 
+# One pytest worker per core (each with a share of the torch threads, see tests/conftest.py); a
+# file's tests stay on one worker, so its module fixtures are built once.
 test: install-dev
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --dist loadfile
 
 lint: install-dev
 	$(VENV)/bin/ruff check src flows tests benchmarks

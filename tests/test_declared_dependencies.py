@@ -53,6 +53,7 @@ def test_every_dev_dependency_is_used_by_the_tests_or_a_tool():
     dev = [_name(d) for d in project["project"]["optional-dependencies"]["dev"]]
     used = _imports("tests")
     tools = (REPO / "Makefile").read_text() + project["tool"]["pytest"]["ini_options"]["addopts"]
-    tool_use = {"pytest-timeout": "--timeout", "ruff": "ruff check", "uv": "uv pip compile"}
+    tool_use = {"pytest-timeout": "--timeout", "pytest-xdist": "-n auto", "ruff": "ruff check",
+                "uv": "uv pip compile"}
     unused = [d for d in dev if not (_top_level(d) & used or tool_use.get(d, "\0") in tools)]
     assert unused == [], f"dev dependencies nothing uses: {unused}"

@@ -83,7 +83,7 @@ def test_params_around_an_import():
                retrain=RetrainParams(mode="rewind"))
     with pytest.raises(ValueError, match="set compress.final_epochs"):
         Params(model=ModelParams(checkpoint="imports/best.pt"), train=tiny_train_params(epochs=0),
-               compress=CompressParams(final_retrain="finetune"))
+               compress=CompressParams(final_retrain="finetune", final_epochs=None))
     with pytest.raises(ValueError, match="inside imports/"):
         ModelParams(checkpoint="/tmp/best.pt")
     with pytest.raises(ValueError, match="set checkpoint_yaml"):

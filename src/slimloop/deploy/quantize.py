@@ -16,6 +16,7 @@ import onnx
 
 from slimloop.config import QuantParams
 from slimloop.deploy.export import INPUT_NAME
+from slimloop.deploy.sigstack import preserve_signal_stack
 from slimloop.errors import SlimloopError
 from slimloop.io import atomic_path
 
@@ -122,8 +123,9 @@ def quantize_openvino(fp32: Path, out_xml: Path, batches: list[np.ndarray], quan
     nncf.set_log_level(logging.WARNING)  # otherwise one INFO line per node it leaves alone
     model = ov.Core().read_model(str(fp32))
     ignored = nncf.IgnoredScope(names=fp32_nodes(onnx.load(str(fp32))), validate=False)
-    quantized = nncf.quantize(model, nncf.Dataset(batches), subset_size=len(batches), ignored_scope=ignored,
-                              preset=nncf.QuantizationPreset.MIXED)
+    with preserve_signal_stack():  # NNCF compiles the model on OpenVINO CPU to calibrate
+        quantized = nncf.quantize(model, nncf.Dataset(batches), subset_size=len(batches),
+                                  ignored_scope=ignored, preset=nncf.QuantizationPreset.MIXED)
     out_xml = Path(out_xml)
     out_xml.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_xml.parent) as tmp:  # the .xml names its .bin by stem

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from slimloop.deploy.sigstack import preserve_signal_stack
 from slimloop.errors import SlimloopError
 
 RUNTIMES = ("onnxruntime", "openvino", "onnxruntime-cuda", "onnxruntime-tensorrt")
@@ -164,8 +165,9 @@ def openvino_runner(path: str | Path, threads: int | None, seed: int = 0) -> Run
     shape = _static_shape([d.get_length() if d.is_static else -1 for d in model.inputs[0].get_partial_shape()])
     if not model.inputs[0].get_partial_shape().is_static:
         model.reshape({model.inputs[0]: ov.PartialShape(list(shape))})
-    compiled = core.compile_model(model, "CPU", openvino_config(threads))
-    request = compiled.create_infer_request()
+    with preserve_signal_stack():
+        compiled = core.compile_model(model, "CPU", openvino_config(threads))
+        request = compiled.create_infer_request()
     x = np.random.default_rng(seed).random(shape, dtype=np.float32)  # (1, 3, H, W)
     request.set_input_tensor(ov.Tensor(x, shared_memory=True))
 
