@@ -204,6 +204,10 @@ class TrainParams(StrictModel):
     amp: bool = True
     device: str = "auto"
     workers: int = Field(0, ge=0)
+    nproc: int = Field(1, ge=1, le=1024, description="data-parallel processes: above 1 the stage entry points "
+                                                      "relaunch themselves under torchrun (batch_size is the global batch)")
+    sync_bn: bool = Field(False, description="BatchNorm statistics over the global batch under torchrun "
+                                              "(torch's SyncBatchNorm on CUDA, slimloop's own on CPU)")
     seed: int = 0
     val_every: int = Field(10, ge=1, description="validate every N epochs (and always on the last)")
     augment: AugmentParams = AugmentParams()
@@ -218,6 +222,13 @@ class TrainParams(StrictModel):
         if not ok:
             raise ValueError(f"must be one of auto, cpu, mps, cuda, cuda:N; got {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _global_batch(self) -> TrainParams:
+        if self.batch_size < self.nproc:  # every process needs a share of every batch
+            raise ValueError(f"batch_size ({self.batch_size}) is the global batch: it must be at least "
+                             f"nproc ({self.nproc})")
+        return self
 
 
 class EvalParams(StrictModel):

@@ -1,0 +1,39 @@
+"""Data-parallel stages: relaunch an entry point under torchrun for ``train.nproc``, join its job."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+from collections.abc import Iterator
+
+from slimloop.config import TrainParams
+
+
+def relaunch(module: str, argv: list[str] | None, train: TrainParams) -> int | None:
+    """With ``train.nproc`` above 1 outside torchrun: run ``python -m module argv`` again as that many
+    processes under ``torch.distributed.run`` and return its exit code; otherwise None (run here).
+
+    A process that torchrun started (``torchrun --nproc_per_node N -m flows.baseline``) is never
+    relaunched: its job's size wins over ``train.nproc``.
+    """
+    from slimloop.distributed import launched_by_torchrun, torchrun_command
+
+    if train.nproc <= 1 or launched_by_torchrun():
+        return None
+    cmd = torchrun_command(module, list(sys.argv[1:] if argv is None else argv), train.nproc)
+    print(f"{module}: {train.nproc} processes: {' '.join(cmd[1:])}", flush=True)
+    return subprocess.run(cmd, check=False).returncode
+
+
+@contextlib.contextmanager
+def distributed_job(train: TrainParams) -> Iterator[bool]:
+    """Join torchrun's job for the body (a no-op in a plain process); yields whether this is rank 0."""
+    from slimloop.distributed import init_distributed, is_main_process, shutdown_distributed
+    from slimloop.train import select_device
+
+    init_distributed(select_device(train.device).type)
+    try:
+        yield is_main_process()
+    finally:
+        shutdown_distributed()
