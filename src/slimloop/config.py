@@ -384,6 +384,12 @@ class CompressParams(StrictModel):
     final_epochs: int | None = Field(12, ge=1, description="epochs of the final retraining; null = train.epochs")
     final_lr0: float | None = Field(0.01, gt=0, description="its initial learning rate (cosine to lrf); null = train.lr0")
     final_distill: bool = Field(False, description="distill from the baseline during the final retraining")
+    task_runner: Literal["sequential", "process", "dask"] = Field(
+        "sequential", description="how the input-size sweep's cells run: in turn, a Prefect process pool, or "
+                                  "prefect-dask's DaskTaskRunner (a local cluster, or dask_address)")
+    workers: int = Field(2, ge=1, le=1024, description="processes of the pool or of a local Dask cluster")
+    dask_address: str | None = Field(None, description="scheduler of a running Dask cluster (tcp://host:8786); "
+                                                      "null = start a local one of `workers` processes")
 
     @model_validator(mode="after")
     def _steps(self) -> CompressParams:
