@@ -15,6 +15,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from slimloop.compress.distill import DistillLoss, DistillWeights
 from slimloop.compress.sparse import sparse_hooks
 from slimloop.config import EvalParams, SparseParams, TrainParams
 from slimloop.distributed import init_distributed, is_main_process, rank, shutdown_distributed
@@ -27,6 +28,16 @@ WRITE_EVENTS = ("os.rename", "os.remove", "os.mkdir", "os.rmdir", "shutil.rmtree
 def tiny_spec():
     """conftest's ``tiny_spec``."""
     return yolov5_spec("n", nc=2, names=("barcode", "qrcode"), width_multiple=0.125, depth_multiple=0.33)
+
+
+def distiller(student):
+    """A distillation loss from a teacher of another init and its adapters (identity at first).
+
+    Without the box term: it averages over the teacher-matched outputs of each rank's share, so it
+    is the only term whose sum over ranks is not the single-process value."""
+    seed_everything(1)
+    loss = DistillLoss(build_model(tiny_spec()), student, DistillWeights(box=0.0))
+    return loss, loss.modules()
 
 
 def audit_writes(root: Path) -> list[str]:
@@ -62,6 +73,7 @@ def main() -> int:
     parser.add_argument("--lam", type=float, default=0.0, help="L1 on BN gammas (constant)")
     parser.add_argument("--kill-at", type=float, default=None, help="rank 1 SIGKILLs itself at this progress")
     parser.add_argument("--audit", type=Path, default=None)
+    parser.add_argument("--distill", action="store_true", help="distil from a teacher (another init), no box term")
     parser.add_argument("--snapshot", type=Path, default=None, help="rank 0 saves the weights after epoch 1 here")
     args = parser.parse_args()
     params = TrainParams.model_validate_json(args.train)
@@ -81,7 +93,10 @@ def main() -> int:
         hooks.on_epoch_end.append(lambda epoch, model, row: epoch or save_file(
             {k: v.contiguous() for k, v in model.state_dict().items()}, str(args.snapshot)))
     seed_everything(params.seed)
-    result = train(build_model(tiny_spec()), args.data, params, EvalParams.model_validate_json(args.eval),
+    model = build_model(tiny_spec())
+    if args.distill:
+        hooks.extra_loss, hooks.extra_modules = distiller(model)
+    result = train(model, args.data, params, EvalParams.model_validate_json(args.eval),
                    args.out, hooks=hooks, progress=False)
     if args.audit is not None and not is_main_process():
         args.audit.write_text(json.dumps({"writes": seen, "history": result.history}))

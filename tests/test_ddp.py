@@ -110,6 +110,28 @@ def test_two_processes_equal_one_and_only_rank_0_writes(ddp_run, tiny_data, tmp_
                                                          "last.state.safetensors", "live"]
 
 
+def test_distillation_adapters_train_alike_on_two_processes(tiny_data, tmp_path):
+    from ddp_worker import distiller, tiny_spec
+    from ddp_worker import main as run_worker
+
+    params = tiny_train_params(epochs=1, sync_bn=True, ema=False)
+    args = ["--data", str(tiny_data), "--train", params.model_dump_json(), "--eval", TINY_EVAL.model_dump_json(),
+            "--distill"]
+    proc = torchrun(str(WORKER), "--out", str(tmp_path / "ddp"), *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", ["x", "--out", str(tmp_path / "single"), *args])
+        assert run_worker() == 0
+    _, (adapters,) = distiller(build_model(tiny_spec()))
+    start = adapters.state_dict()
+    a = load_state(tmp_path / "ddp" / "last.state.safetensors")["extra"][0]
+    b = load_state(tmp_path / "single" / "last.state.safetensors")["extra"][0]
+    for key, value in start.items():  # rank 0's adapters took the averaged step, not rank 0's own
+        du, ds = (a[key] - value).double(), (b[key] - value).double()
+        assert float(ds.norm()) > 0, key
+        assert float((du - ds).norm()) <= 5e-3 * float(ds.norm()) + 1e-9, key
+
+
 def test_a_killed_rank_fails_the_job_cleanly_and_the_rerun_resumes(ddp_run, tiny_data, tmp_path):
     out = tmp_path / "run"
     killed = worker(tiny_data, out, "--kill-at", "0.5")  # rank 1 dies in epoch 2, after epoch 1's state
