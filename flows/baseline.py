@@ -7,7 +7,7 @@ from pathlib import Path
 from prefect import flow
 
 from flows.common import base_parser, run_entry
-from flows.launch import distributed_job, relaunch
+from flows.launch import distributed_job, flow_in_processes, relaunch
 from slimloop.config import Params, load_params
 from slimloop.io import write_json_atomic
 from slimloop.provenance import with_env
@@ -18,8 +18,16 @@ METRICS = Path("metrics/baseline.json")
 
 @flow(name="baseline", log_prints=True)
 def baseline_flow(params: Params, out_dir: Path = OUT, metrics: Path = METRICS, progress: bool = True) -> dict:
-    """Train (or import) the baseline detector and write its checkpoint, spec, ONNX file and metrics."""
+    """Train (or import) the baseline detector and write its checkpoint, spec, ONNX file and metrics.
+
+    With ``train.nproc`` above 1 (outside torchrun) it runs as that many processes.
+    """
     from slimloop.baseline import import_checkpoint, initial_spec, train_and_measure
+
+    relaunched = flow_in_processes("flows.baseline", params, ["--out", str(out_dir), "--metrics", str(metrics),
+                                                              *([] if progress else ["--quiet"])], metrics)
+    if relaunched is not None:
+        return relaunched
 
     if params.model.checkpoint:
         start, facts = import_checkpoint(params)

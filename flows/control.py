@@ -8,7 +8,7 @@ from pathlib import Path
 from prefect import flow
 
 from flows.common import base_parser, run_entry
-from flows.launch import distributed_job, relaunch
+from flows.launch import distributed_job, flow_in_processes, relaunch
 from slimloop.config import Params, load_params
 from slimloop.io import read_stage_json, write_json_atomic
 from slimloop.provenance import with_env
@@ -29,7 +29,8 @@ def control_epochs(params: Params, final: dict) -> int:
 @flow(name="control", log_prints=True)
 def control_flow(params: Params, baseline_dir: Path = BASELINE, out_dir: Path = OUT,
                  metrics_dir: Path = METRICS, progress: bool = True) -> dict:
-    """Train and measure the control; write ``metrics_dir/control.json``."""
+    """Train and measure the control; write ``metrics_dir/control.json`` (as ``train.nproc`` processes
+    when above 1, outside torchrun)."""
     from slimloop.compress.control import train_control
     from slimloop.deploy.catalogue import export_catalogue
     from slimloop.distributed import is_main_process
@@ -40,6 +41,11 @@ def control_flow(params: Params, baseline_dir: Path = BASELINE, out_dir: Path = 
         if is_main_process():
             write_json_atomic(metrics, with_env(record))
         return record
+    relaunched = flow_in_processes("flows.control", params, [
+        "--baseline", str(baseline_dir), "--out", str(out_dir), "--metrics-dir", str(metrics_dir),
+        *([] if progress else ["--quiet"])], metrics)
+    if relaunched is not None:  # train.nproc > 1: the job above wrote it
+        return relaunched
     final = read_stage_json(metrics_dir / "final.json", "compress", ControlTarget)
     target = float(final["record"]["gflops"])
     imgsz = int(final["record"].get("imgsz") or params.compress.imgsz or params.train.imgsz)

@@ -5,9 +5,12 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
-from slimloop.config import TrainParams
+from slimloop.config import Params, TrainParams
 
 
 def relaunch(module: str, argv: list[str] | None, train: TrainParams) -> int | None:
@@ -37,3 +40,32 @@ def distributed_job(train: TrainParams) -> Iterator[bool]:
         yield is_main_process()
     finally:
         shutdown_distributed()
+
+
+def flow_in_processes(module: str, params: Params, args: list[str], metrics: Path) -> dict[str, Any] | None:
+    """For a flow called from Prefect (or Python) with ``train.nproc`` above 1 outside torchrun: run
+    its entry point as that many processes on ``params`` (written to a temporary params file) and
+    ``args``, and return the record it wrote to ``metrics`` (with its ``env``); None when the flow
+    should run here.
+
+    Raises:
+        TrainingError: the job failed (its exit code; the ranks' errors are above it on stderr).
+    """
+    import yaml
+
+    from slimloop.distributed import launched_by_torchrun
+    from slimloop.errors import TrainingError
+    from slimloop.io import read_json_file
+
+    if params.train.nproc <= 1 or launched_by_torchrun():
+        return None
+    with tempfile.TemporaryDirectory(prefix="slimloop-params-") as tmp:
+        path = Path(tmp) / "params.yaml"
+        path.write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+        code = relaunch(module, ["--params", str(path), *args], params.train)
+    if code is None:
+        return None
+    if code != 0:
+        raise TrainingError(f"{module}: the {params.train.nproc}-process job exited with code {code}")
+    return read_json_file(metrics, f"{module} metrics", TrainingError)
+

@@ -165,3 +165,30 @@ def test_baseline_stage_relaunches_itself_for_nproc_2(tiny_data, tmp_path):
     assert record["epochs"] == 1 and 0 <= record["map50"] <= 1
     assert load_checkpoint(out / "best.safetensors").meta["epoch"] == 1
     assert (out / "model.onnx").is_file() and (out / "spec.json").is_file()
+
+
+def test_flow_called_from_python_runs_as_nproc_processes(tiny_data, tmp_path, monkeypatch):
+    """``baseline_flow`` (what a Prefect deployment calls) relaunches its entry point on its params."""
+    import flows.launch
+    from flows.baseline import baseline_flow
+
+    params = Params(data=DataParams(out_dir=str(tiny_data)), eval=TINY_EVAL,
+                    train=tiny_train_params(epochs=1, nproc=2),
+                    model=ModelParams(base="n", width_multiple=0.125, depth_multiple=0.33))
+    out, metrics = tmp_path / "baseline", tmp_path / "baseline.json"
+    seen = []
+
+    def fake_run(cmd, check):  # the job: what it was asked to run, and the record it writes
+        seen.append(cmd)
+        given = cmd[cmd.index("--params") + 1]
+        assert Params.model_validate(yaml.safe_load(Path(given).read_text())) == params
+        metrics.write_text(json.dumps({"map50": 0.25, "env": {}}))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(flows.launch.subprocess, "run", fake_run)
+    assert baseline_flow.fn(params, out, metrics, progress=False) == {"map50": 0.25, "env": {}}
+    (cmd,) = seen
+    assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    assert cmd[5:7] == ["-m", "flows.baseline"]
+    assert cmd[cmd.index("--out") + 1] == str(out) and cmd[cmd.index("--metrics") + 1] == str(metrics)
+    assert "--quiet" in cmd
