@@ -122,6 +122,9 @@ def test_distillation_adapters_train_alike_on_two_processes(tiny_data, tmp_path)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(sys, "argv", ["x", "--out", str(tmp_path / "single"), *args])
         assert run_worker() == 0
+    rows = [json.loads(load_state(tmp_path / run / "last.state.safetensors")["history"])[-1] for run in ("ddp", "single")]
+    assert all(rows[0][f"train/kd_{k}"] > 0 for k in ("obj", "cls", "kl", "box", "feat"))  # every term at work
+    assert rows[0]["train/kd_box"] == pytest.approx(rows[1]["train/kd_box"], rel=1e-4)  # global normalizers
     _, (adapters,) = distiller(build_model(tiny_spec()))
     start = adapters.state_dict()
     a = load_state(tmp_path / "ddp" / "last.state.safetensors")["extra"][0]
