@@ -34,8 +34,15 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip --version
 
+# The yolov5 interop packages (requirements/yolov5.lock) declare dependencies they are installed
+# without; a venv that has them is cleared of them before any `pip check`, so re-installing after
+# a lock change passes the check it would pass in a fresh venv.
+YOLOV5_PKGS = $$(sed -n 's/^\([A-Za-z0-9_.-]*\)==.*/\1/p' $(YOLOV5_LOCK))
+UNINSTALL_YOLOV5 = $(PIP) uninstall -q -y $(YOLOV5_PKGS) 2>/dev/null || true
+
 # --no-deps: the lock is complete, so pip installs exactly it; `pip check` proves it consistent.
 $(VENV)/.installed: $(LOCK) pyproject.toml | $(PY)
+	@$(UNINSTALL_YOLOV5)
 	$(PIP) install -q --require-hashes --no-deps -r $(LOCK)
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	$(PIP) check
@@ -45,6 +52,7 @@ $(VENV)/.installed: $(LOCK) pyproject.toml | $(PY)
 # After `pip check`: the yolov5 interop tests' packages, without their declared dependencies
 # (requirements/yolov5.in says why), so their unmet declarations do not fail the check.
 $(VENV)/.installed-dev: $(DEV_LOCK) $(YOLOV5_LOCK) pyproject.toml | $(PY)
+	@$(UNINSTALL_YOLOV5)
 	$(PIP) install -q --require-hashes --no-deps -r $(DEV_LOCK)
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	$(PIP) check

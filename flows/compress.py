@@ -166,7 +166,8 @@ def compress_flow(params: Params, baseline_dir: Path = BASELINE, out_dir: Path =
     write_outputs(result, out_dir, metrics_dir, imgsz, baseline_dir / "best.safetensors",
                   int(record.get("imgsz") or params.train.imgsz), params.eval.imgsz_sweep)
     _publish_iterations(metrics_dir / "iterations.csv")
-    write_imgsz_sweep(params, baseline_dir / "best.safetensors", out_dir / "final.safetensors", metrics_dir)
+    write_imgsz_sweep(params, baseline_dir / "best.safetensors", out_dir / "final.safetensors", metrics_dir,
+                      use_prefect=steps == "prefect")
     return result.summary()
 
 
@@ -184,13 +185,12 @@ def _publish_iterations(csv: Path) -> bool:
     return True
 
 
-def write_imgsz_sweep(params: Params, baseline: Path, final: Path, metrics_dir: Path) -> None:
-    """``metrics/imgsz_sweep.json``: baseline and final model at every ``eval.imgsz_sweep`` size."""
-    from slimloop.checkpoint import load_model
-    from slimloop.measure import sweep_imgsz
+def write_imgsz_sweep(params: Params, baseline: Path, final: Path, metrics_dir: Path, use_prefect: bool = False) -> None:
+    """``metrics/imgsz_sweep.json``: baseline and final model at every ``eval.imgsz_sweep`` size, on
+    ``compress.task_runner`` when Prefect runs the flow (else in turn)."""
+    from flows.parallel import run_sweep
 
-    models = {"baseline": load_model(baseline), "final": load_model(final)}
-    rows = sweep_imgsz(models, params.data.out_dir, "val", params.eval.imgsz_sweep, params.eval)
+    rows = run_sweep(params, {"baseline": baseline, "final": final}, use_prefect=use_prefect)
     write_json_atomic(metrics_dir / "imgsz_sweep.json", {"rows": rows})
 
 

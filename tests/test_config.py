@@ -17,7 +17,7 @@ def write(tmp_path: Path, raw: dict) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", ["params.yaml", "profiles/gpu.yaml"])
+@pytest.mark.parametrize("name", ["params.yaml", "profiles/gpu.yaml", "profiles/gpu-smoke.yaml"])
 def test_repo_params_are_valid(name):
     params = load_params(ROOT / name)
     assert isinstance(params, Params)

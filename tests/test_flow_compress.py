@@ -84,7 +84,7 @@ def project(tmp_path, tiny_data, tiny_spec, monkeypatch):
 
 
 def _step_dirs(root: Path) -> set[str]:
-    return {p.name for p in root.iterdir() if p.is_dir() and p.name not in ("results", "work")}
+    return {p.name for p in root.iterdir() if p.is_dir() and p.name not in ("results", "work", "locks")}
 
 
 @pytest.mark.slow

@@ -93,12 +93,12 @@ def test_curves_are_logged_in_a_git_repo_without_commits(tmp_path, monkeypatch):
     import subprocess
     import sys
 
-    from slimloop.train import _live
+    from slimloop.trainlog import open_live
 
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=tmp_path, check=True, capture_output=True)
     monkeypatch.chdir(tmp_path)
-    live = _live(tmp_path / "run", resume=False)
+    live = open_live(tmp_path / "run", resume=False)
     live.log_metric("loss", 1.5)
     live.next_step()
     live.end()

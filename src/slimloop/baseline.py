@@ -111,10 +111,11 @@ def _keep_as_is(model: Any, out_dir: Path, stage: str, info: dict[str, Any]) -> 
 def train_and_measure(
     spec: Any, params: Params, out_dir: Path, progress: bool = True, stage: str = "baseline",
     start: Any = None, start_info: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """Train ``spec`` from scratch (or finetune ``start``), then evaluate, profile and export the best.
 
     Writes ``out_dir/{best,last,last.state,rewind}.safetensors``, ``spec.json`` and ``model.onnx``.
+    Under torchrun every rank trains; rank 0 alone writes and measures, the others return None.
 
     Args:
         start: a model to finetune instead of a fresh ``build_model(spec)`` (an import); with
@@ -124,6 +125,7 @@ def train_and_measure(
     from slimloop.checkpoint import load_model
     from slimloop.compress.retrain import rewind_saver
     from slimloop.deploy.export import export_onnx
+    from slimloop.distributed import is_main_process
     from slimloop.measure import measure_model
     from slimloop.model import build_model, save_spec
     from slimloop.train import TrainHooks, seed_everything, select_device, train
@@ -133,6 +135,8 @@ def train_and_measure(
     model = build_model(spec) if start is None else start
     meta = {"stage": stage, **({"imported": start_info} if start_info else {})}
     if params.train.epochs == 0:
+        if not is_main_process():  # nothing to train: rank 0 measures the import
+            return None
         best_path, device = _keep_as_is(model, out_dir, stage, start_info or {}), str(select_device(params.train.device))
     else:
         # an early checkpoint for retrain.mode=rewind (lottery-ticket late rewinding)
@@ -141,6 +145,8 @@ def train_and_measure(
         result = train(model, params.data.out_dir, params.train, params.eval, out_dir, hooks=hooks,
                        progress=progress, meta=meta)
         best_path, device = result.best, result.device
+    if not is_main_process():
+        return None
     best = load_model(best_path)
     save_spec(best.spec, out_dir / "spec.json")
     export_onnx(best, out_dir / "model.onnx", params.train.imgsz, dynamic_batch=True)

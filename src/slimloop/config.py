@@ -204,6 +204,10 @@ class TrainParams(StrictModel):
     amp: bool = True
     device: str = "auto"
     workers: int = Field(0, ge=0)
+    nproc: int = Field(1, ge=1, le=1024, description="data-parallel processes: above 1 the stage entry points "
+                                                      "relaunch themselves under torchrun (batch_size is the global batch)")
+    sync_bn: bool = Field(False, description="BatchNorm statistics over the global batch under torchrun "
+                                              "(torch's SyncBatchNorm on CUDA, slimloop's own on CPU)")
     seed: int = 0
     val_every: int = Field(10, ge=1, description="validate every N epochs (and always on the last)")
     augment: AugmentParams = AugmentParams()
@@ -218,6 +222,13 @@ class TrainParams(StrictModel):
         if not ok:
             raise ValueError(f"must be one of auto, cpu, mps, cuda, cuda:N; got {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _global_batch(self) -> TrainParams:
+        if self.batch_size < self.nproc:  # every process needs a share of every batch
+            raise ValueError(f"batch_size ({self.batch_size}) is the global batch: it must be at least "
+                             f"nproc ({self.nproc})")
+        return self
 
 
 class EvalParams(StrictModel):
@@ -373,6 +384,12 @@ class CompressParams(StrictModel):
     final_epochs: int | None = Field(12, ge=1, description="epochs of the final retraining; null = train.epochs")
     final_lr0: float | None = Field(0.01, gt=0, description="its initial learning rate (cosine to lrf); null = train.lr0")
     final_distill: bool = Field(False, description="distill from the baseline during the final retraining")
+    task_runner: Literal["sequential", "process", "dask"] = Field(
+        "sequential", description="how the input-size sweep's cells run: in turn, a Prefect process pool, or "
+                                  "prefect-dask's DaskTaskRunner (a local cluster, or dask_address)")
+    workers: int = Field(2, ge=1, le=1024, description="processes of the pool or of a local Dask cluster")
+    dask_address: str | None = Field(None, description="scheduler of a running Dask cluster (tcp://host:8786); "
+                                                      "null = start a local one of `workers` processes")
 
     @model_validator(mode="after")
     def _steps(self) -> CompressParams:

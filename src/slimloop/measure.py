@@ -59,10 +59,16 @@ def sweep_imgsz(
     Returns:
         One row per (model, size): ``model``, ``imgsz``, the metric keys, and ``missed_per_class``.
     """
-    rows = []
-    for name, model in models.items():
-        for imgsz in sizes:
-            rec = measure_model(model, data_root, split, imgsz, params, device=device)
-            missed = {cls: v["missed"] for cls, v in rec["per_class"].items()}
-            rows.append({"model": name, **{k: rec[k] for k in KEYS}, "missed_per_class": missed})
-    return rows
+    return [sweep_cell(model, name, data_root, split, imgsz, params, device)
+            for name, model in models.items() for imgsz in sizes]
+
+
+def sweep_cell(model: nn.Module, name: str, data_root: str | Path, split: str, imgsz: int, params: EvalParams,
+               device: str = "cpu") -> dict[str, Any]:
+    """One row of :func:`sweep_imgsz`: ``model`` (called ``name``) measured at ``imgsz``.
+
+    Independent of every other cell, so cells may run in parallel (``compress.task_runner``).
+    """
+    rec = measure_model(model, data_root, split, imgsz, params, device=device)
+    missed = {cls: v["missed"] for cls, v in rec["per_class"].items()}
+    return {"model": name, **{k: rec[k] for k in KEYS}, "missed_per_class": missed}

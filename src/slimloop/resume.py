@@ -3,12 +3,17 @@ the run that resumes from it, both checked before any of it is used."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
 
+from slimloop.config import TrainParams, params_to_dict
 from slimloop.errors import CheckpointError
 from slimloop.io import check_schema, parse_json
 
@@ -120,3 +125,33 @@ def check_resumable(state: dict[str, Any], source: str,
     history = parse_json(state["history"], f"{source} (history)", CheckpointError)
     check_schema({"row": best, "rows": history}, _Metrics, source, "training state metrics", CheckpointError)
     return best, history
+
+
+def params_fingerprint(params: TrainParams, extra: dict[str, Any] | None = None) -> str:
+    """Short hash of the params a run depends on (a resume must match it)."""
+    blob = json.dumps({"train": params_to_dict(params), "extra": extra or {}}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def run_identity(model: nn.Module, data_root: str | Path) -> dict[str, str]:
+    """What else a resume must match besides the params: the starting weights (and so the spec) and
+    the dataset (annotation files by content, images by name and size).
+
+    Without it a persisted run folder (``models/baseline`` is a DVC ``persist`` out) would resume a
+    finished run of another model or another dataset under the same params, and return it.
+    """
+    weights = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        weights.update(key.encode())
+        weights.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    data = hashlib.sha256()
+    root = Path(data_root)
+    for split in ("train", "val"):
+        ann = root / f"{split}.json"
+        if ann.exists():
+            data.update(ann.read_bytes())
+        images = root / "images" / split
+        if images.is_dir():
+            for f in sorted(images.iterdir()):
+                data.update(f"{f.name}:{f.stat().st_size}".encode())
+    return {"init": weights.hexdigest()[:16], "data": data.hexdigest()[:16]}

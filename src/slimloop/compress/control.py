@@ -76,7 +76,7 @@ def fit_width(make_spec: Callable[[float], ModelSpec], target_gflops: float, img
 
 
 def train_control(baseline_ckpt: Path, target_gflops: float, imgsz: int, params: Params, epochs: int,
-                  data_root: Path, out_dir: Path, progress: bool = False) -> dict[str, Any]:
+                  data_root: Path, out_dir: Path, progress: bool = False) -> dict[str, Any] | None:
     """Fit the control's width to ``target_gflops``, train it from scratch for ``epochs``, measure it.
 
     Args:
@@ -89,9 +89,11 @@ def train_control(baseline_ckpt: Path, target_gflops: float, imgsz: int, params:
         out_dir: the training run folder (``best.safetensors`` is the control model).
 
     Returns:
-        The metric record plus ``width_multiple``, ``target_gflops``, ``fits``, ``epochs``, ``checkpoint``.
+        The metric record plus ``width_multiple``, ``target_gflops``, ``fits``, ``epochs``, ``checkpoint``;
+        None on ranks other than 0 under torchrun (every rank trains).
     """
     from slimloop.compress.steps import evaluate_step
+    from slimloop.distributed import is_main_process
     from slimloop.train import seed_everything, train
 
     reference = load_checkpoint(baseline_ckpt).spec
@@ -102,6 +104,8 @@ def train_control(baseline_ckpt: Path, target_gflops: float, imgsz: int, params:
     train_params = params.train.model_copy(update={"epochs": epochs})
     result = train(model, data_root, train_params, params.eval, out_dir, progress=progress,
                    meta={"stage": "control", "width_multiple": fit.width_multiple})
+    if not is_main_process():  # under torchrun rank 0 alone measures and writes
+        return None
     record = evaluate_step(result.best, data_root, params.eval, imgsz, step="control").record
     return {**record, "width_multiple": round(fit.width_multiple, 6), "target_gflops": target_gflops,
             "fits": fit.fits, "epochs": epochs, "checkpoint": str(result.best)}

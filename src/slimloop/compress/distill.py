@@ -3,6 +3,7 @@ neck features, with feature adapters initialized from the keep masks."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from slimloop.checkpoint import load_model
 from slimloop.compress.groups import topology
 from slimloop.compress.steps import Lineage, StepResult, load_masks, measure_step, step_meta
 from slimloop.config import DistillParams, EvalParams, TrainParams
+from slimloop.distributed import all_sum, world_size
 from slimloop.train import TrainHooks, train
 
 
@@ -41,8 +43,24 @@ def binary_kl(student_logits: torch.Tensor, teacher_prob: torch.Tensor) -> torch
     return (bce - entropy).clamp_min(0)
 
 
+def _norms(t_objs: list[torch.Tensor], confident: list[torch.Tensor], bs: int,
+           reduce: Callable[[torch.Tensor], torch.Tensor] | None) -> tuple[list[float], list[float]]:
+    """Per level, what the class/KL sums (teacher objectness) and the box sum (confident outputs)
+    divide by: this batch's totals, or under DDP the global ones times this rank's batch share (so
+    that the ranks' terms, each times its batch size, add up to the single-process term)."""
+    local = torch.stack([*(o.sum() for o in t_objs), *(c.sum() for c in confident)]).double()  # (2L,)
+    if reduce is None:
+        out = local
+    else:
+        both = reduce(torch.cat([local, local.new_tensor([bs])]))  # (2L + 1,) summed over the ranks
+        out = both[:-1] * bs / both[-1]
+    n = len(t_objs)
+    return out[:n].clamp_min(1.0).tolist(), out[n:].tolist()
+
+
 def output_distill_loss(
-    student_raw: list[torch.Tensor], teacher_raw: list[torch.Tensor], w: DistillWeights
+    student_raw: list[torch.Tensor], teacher_raw: list[torch.Tensor], w: DistillWeights,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Distillation terms on the raw Detect maps of two models with the same head layout.
 
@@ -50,19 +68,23 @@ def output_distill_loss(
         student_raw: per level ``(B, na, H, W, 5 + nc)`` logits of the student.
         teacher_raw: the same for the teacher (no grad needed).
         w: term weights.
+        reduce: under DDP a sum over the ranks (``slimloop.distributed.all_sum``): the normalizers
+            become global, as ``ComputeLoss.reduce`` does for the detection loss.
 
     Returns:
         ``{"kd_obj", "kd_cls", "kd_kl", "kd_box"}``, each a scalar already weighted.
     """
     dev = student_raw[0].device
     terms = {k: torch.zeros((), device=dev) for k in ("kd_obj", "kd_cls", "kd_kl", "kd_box")}
-    for s, t in zip(student_raw, teacher_raw, strict=True):
+    t_objs = [t.detach().float()[..., 4].sigmoid() for t in teacher_raw]  # (B, na, H, W) per level
+    confident = [o > w.box_conf for o in t_objs]
+    obj_norms, box_counts = _norms(t_objs, confident, student_raw[0].shape[0], reduce)
+    for s, t, t_obj, conf, norm, count in zip(student_raw, teacher_raw, t_objs, confident, obj_norms, box_counts,
+                                              strict=True):
         s, t = s.float(), t.detach().float()
-        t_obj = t[..., 4].sigmoid()  # (B, na, H, W)
         terms["kd_obj"] = terms["kd_obj"] + binary_kl(s[..., 4], t_obj).mean()
         nc = s.shape[-1] - 5
         weight = t_obj.unsqueeze(-1)  # weight class terms by how sure the teacher is of an object
-        norm = t_obj.sum().clamp_min(1.0)
         cls_kl = binary_kl(s[..., 5:], t[..., 5:].sigmoid()) * weight
         terms["kd_cls"] = terms["kd_cls"] + cls_kl.sum() / (norm * nc)
         if nc > 1:
@@ -71,10 +93,9 @@ def output_distill_loss(
             q = F.softmax(t[..., 5:] / temp, dim=-1)
             kl = (q * (q.clamp_min(1e-9).log() - log_p)).sum(-1) * t_obj * temp**2
             terms["kd_kl"] = terms["kd_kl"] + kl.sum() / norm
-        confident = t_obj > w.box_conf
-        if confident.any():
-            diff = s[..., :4].sigmoid()[confident] - t[..., :4].sigmoid()[confident]  # (K, 4)
-            terms["kd_box"] = terms["kd_box"] + diff.pow(2).sum(-1).mean()
+        if conf.any():
+            diff = s[..., :4].sigmoid()[conf] - t[..., :4].sigmoid()[conf]  # (K, 4)
+            terms["kd_box"] = terms["kd_box"] + diff.pow(2).sum(-1).sum() / count
     return {
         "kd_obj": terms["kd_obj"] * w.obj,
         "kd_cls": terms["kd_cls"] * w.cls,
@@ -155,7 +176,8 @@ class DistillLoss:
             self.teacher.to(imgs.device)
         with torch.no_grad():
             t_feats, t_raw = self.teacher.forward_features(imgs)
-        terms = output_distill_loss(raw, t_raw, self.weights)
+        # under DDP (every rank runs the teacher on its share) the normalizers are global
+        terms = output_distill_loss(raw, t_raw, self.weights, reduce=all_sum if world_size() > 1 else None)
         if self.adapters is not None:
             terms["kd_feat"] = feature_distill_loss(feats, t_feats, self.adapters) * self.weights.feature
         return terms

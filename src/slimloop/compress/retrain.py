@@ -12,6 +12,7 @@ from slimloop.checkpoint import file_sha256, load_checkpoint, load_model, save_c
 from slimloop.compress.distill import distill_hooks, kd_items
 from slimloop.compress.steps import Lineage, StepResult, apply_masks, measure_step, step_meta
 from slimloop.config import DistillParams, EvalParams, RetrainParams, TrainParams
+from slimloop.distributed import is_main_process
 from slimloop.errors import CheckpointError
 from slimloop.model import build_model
 from slimloop.train import seed_everything, train
@@ -97,7 +98,7 @@ def rewind_saver(out_dir: Path, rewind_epoch: int) -> Callable[[int, nn.Module, 
     path = Path(out_dir) / REWIND_NAME
 
     def save_rewind(epoch: int, model: nn.Module, row: dict[str, float]) -> None:
-        if epoch + 1 == rewind_epoch:
+        if epoch + 1 == rewind_epoch and is_main_process():  # under DDP rank 0 alone writes
             save_checkpoint(path, model, {"step": "rewind", "epoch": epoch + 1})
 
     return save_rewind

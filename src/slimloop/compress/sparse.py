@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from slimloop.checkpoint import load_model
 from slimloop.compress.steps import StepResult, measure_step, step_meta
 from slimloop.config import EvalParams, SparseParams, TrainParams
+from slimloop.distributed import is_main_process
 from slimloop.io import load_json_text, write_json_atomic
 from slimloop.model import conv_modules
 from slimloop.train import TrainHooks, train
@@ -110,7 +111,7 @@ class GammaHistogram:
         row = {"epoch": epoch, "edges": self.edges, "counts": [int(c) for c in counts],
                "mean_abs": round(float(values.mean()), 6)}
         self.rows = sorted([r for r in self.rows if r["epoch"] != epoch] + [row], key=lambda r: r["epoch"])
-        if self.path is not None:
+        if self.path is not None and is_main_process():  # under DDP rank 0 alone writes
             write_json_atomic(self.path, self.rows)
 
     def __call__(self, epoch: int, model: nn.Module, metrics: dict[str, float]) -> None:

@@ -270,6 +270,33 @@ class EpochSampler(Sampler[int]):
         return iter(torch.randperm(len(self.dataset), generator=gen).tolist())
 
 
+class ShardBatchSampler(Sampler[list[int]]):
+    """Rank ``rank``'s share of each global batch of :class:`EpochSampler`'s order.
+
+    Global batch ``k`` is ``order[k * B:(k + 1) * B]``; it is split into ``world`` consecutive
+    chunks (sizes differ by at most one) and this rank takes chunk ``rank``, so the ranks' batches
+    of a step, concatenated in rank order, are exactly the single-process batch. A last batch with
+    fewer samples than ranks lends a rank without a chunk one of its samples (DDP needs every rank
+    to take every step).
+    """
+
+    def __init__(self, order: EpochSampler, batch_size: int, rank: int, world: int):
+        if not 0 <= rank < world or batch_size < world:
+            raise ValueError(f"rank {rank} of {world} with a global batch of {batch_size}")
+        self.order, self.batch_size, self.rank, self.world = order, batch_size, rank, world
+
+    def __len__(self) -> int:
+        return -(-len(self.order) // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = list(self.order)
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            chunks = np.array_split(np.asarray(batch), self.world)
+            mine = chunks[self.rank].tolist()
+            yield mine if mine else [batch[self.rank % len(batch)]]
+
+
 def _worker_init(_: int) -> None:
     # workers already run torch single-threaded; keep cv2 from oversubscribing the cores too
     cv2.setNumThreads(0)
@@ -283,6 +310,8 @@ def make_loader(
     seed: int,
     epoch: int | None = None,
     pin_memory: bool = False,
+    rank: int = 0,
+    world: int = 1,
 ) -> DataLoader:
     """DataLoader over ``dataset`` built once for all epochs.
 
@@ -298,16 +327,22 @@ def make_loader(
         seed: seed of the shuffle order.
         epoch: if given, ``dataset.set_epoch(epoch)`` now.
         pin_memory: pin batches for faster host-to-GPU copies.
+        rank: this process's rank in data-parallel training.
+        world: number of processes; above 1, ``batch_size`` is the global batch and this rank
+            loads its share of it (:class:`ShardBatchSampler`).
 
     Returns:
         A DataLoader yielding :func:`collate_fn` batches.
     """
     if epoch is not None:
         dataset.set_epoch(epoch)
+    order = EpochSampler(dataset, shuffle, seed)
+    batching: dict[str, Any] = {"batch_size": batch_size, "sampler": order}
+    if world > 1:
+        batching = {"batch_sampler": ShardBatchSampler(order, batch_size, rank, world)}
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        sampler=EpochSampler(dataset, shuffle, seed),
+        **batching,
         num_workers=workers,
         collate_fn=collate_fn,
         pin_memory=pin_memory,

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slimloop.config import LossParams
@@ -83,6 +84,19 @@ class ComputeLoss:
         self.cls_gain = params.cls * nc / 80 * 3 / nl
         self.obj_gain = params.obj * (imgsz / 640) ** 2 * 3 / nl
         self.bce = nn.BCEWithLogitsLoss()
+        # data-parallel training sets this to a sum over ranks (slimloop.distributed.all_sum): the
+        # box and class means then divide by the global number of matches, so that the ranks' losses
+        # add up to the loss one process computes on the global batch
+        self.reduce: Callable[[Tensor], Tensor] | None = None
+
+    def _counts(self, built: list, bs: int, device: torch.device) -> list[float] | None:
+        """Per level, what the box and class sums divide by under DDP: the global matches times this
+        rank's share of the global batch (None in a single process: plain means)."""
+        if self.reduce is None:
+            return None
+        local = torch.tensor([t.b.numel() for t in built] + [bs], dtype=torch.float64, device=device)
+        total = self.reduce(local)  # (nl + 1,) matches per level, global batch size
+        return (total[:-1] * bs / total[-1]).tolist()
 
     def __call__(self, raw: Sequence[Tensor], targets: Tensor) -> tuple[Tensor, dict[str, float]]:
         """Loss of raw maps against ``targets (M, 6) [img_idx, cls, cx, cy, w, h]`` (normalized).
@@ -92,22 +106,25 @@ class ComputeLoss:
         """
         device = raw[0].device
         lbox, lobj, lcls = (torch.zeros((), device=device) for _ in range(3))
-        for pi, t, balance in zip(raw, self.build_targets(raw, targets), self.balance, strict=True):
+        built = self.build_targets(raw, targets)
+        bs = raw[0].shape[0]
+        counts = self._counts(built, bs, device) or [None] * self.nl
+        for pi, t, balance, n in zip(raw, built, self.balance, counts, strict=True):
             tobj = torch.zeros(pi.shape[:4], dtype=pi.dtype, device=device)  # (B, na, H, W)
             if t.b.numel():
                 pxy, pwh, _, pcls = pi[t.b, t.a, t.gj, t.gi].split((2, 2, 1, self.nc), 1)  # (n, .)
                 pxy = pxy.sigmoid() * 2 - 0.5
                 pwh = (pwh.sigmoid() * 2) ** 2 * t.anchor
                 iou = bbox_iou(torch.cat((pxy, pwh), 1), t.box)  # (n,)
-                lbox = lbox + (1.0 - iou).mean()
+                lbox = lbox + ((1.0 - iou).mean() if n is None else (1.0 - iou).sum() / n)
                 tobj[t.b, t.a, t.gj, t.gi] = iou.detach().clamp(min=0).to(tobj.dtype)  # gr = 1.0
                 if self.nc > 1:  # YOLOv5 skips the class loss of single-class models
                     tcls = torch.zeros_like(pcls)
                     tcls[torch.arange(len(t.cls), device=device), t.cls] = 1.0
-                    lcls = lcls + self.bce(pcls, tcls)
+                    lcls = lcls + (self.bce(pcls, tcls) if n is None else
+                                   F.binary_cross_entropy_with_logits(pcls, tcls, reduction="sum") / (n * self.nc))
             lobj = lobj + self.bce(pi[..., 4], tobj) * balance
         lbox, lobj, lcls = lbox * self.box_gain, lobj * self.obj_gain, lcls * self.cls_gain
-        bs = raw[0].shape[0]
         items = {"box": float(lbox.detach()), "obj": float(lobj.detach()), "cls": float(lcls.detach())}
         return (lbox + lobj + lcls) * bs, items
 

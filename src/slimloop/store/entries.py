@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from slimloop.errors import ConfigError
 from slimloop.io import check_schema, make_dir, read_json_file, write_json_atomic, write_text_atomic
 from slimloop.records import StepManifest
+from slimloop.store.lock import entry_lock
 
 ENV_STORE = "SLIMLOOP_CACHE"
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ def store_dir() -> Path:
 
 
 STORE_MARKER = ".slimloop-store"  # in the store's root: only such a folder is ever pruned
-_STORE_NAMES = re.compile(r"[0-9a-f]{32}|results|work|\.slimloop-store")
+_STORE_NAMES = re.compile(r"[0-9a-f]{32}|results|work|locks|\.slimloop-store")
 KEY = re.compile(r"[0-9a-f]{32}")
 # The file run_stored_step writes last into an entry folder: a folder with neither it nor a result
 # record is a step that crashed or is still running.
@@ -90,6 +91,14 @@ def read_manifest(path: Path) -> dict[str, Any] | None:
     return out
 
 
+def _hit(out_dir: Path) -> dict[str, Any] | None:
+    out = read_manifest(out_dir / MANIFEST)
+    if out is not None and files_present(out):
+        os.utime(out_dir)
+        return out
+    return None
+
+
 def run_stored_step(name: str, fn: str, kwargs: dict[str, Any], key: str) -> dict[str, Any]:
     """Run step ``fn`` into ``store/<key>``, or return the entry already there.
 
@@ -97,13 +106,22 @@ def run_stored_step(name: str, fn: str, kwargs: dict[str, Any], key: str) -> dic
     names is present; otherwise the step runs again in the same folder (training resumes from its
     ``last`` checkpoint there). A hit touches the folder, so ``flows.store prune`` keeps entries in use.
     A manifest that is truncated or not a manifest is a miss (logged), never an error.
+
+    A miss runs under the entry's lock (:func:`slimloop.store.lock.entry_lock`): of processes (or
+    machines sharing the store) asking for one key at once, one computes and the others wait for
+    it, then read its entry.
     """
     out_dir = store_dir() / key
-    manifest = out_dir / MANIFEST
-    out = read_manifest(manifest)
-    if out is not None and files_present(out):
-        os.utime(out_dir)
+    out = _hit(out_dir)
+    if out is not None:
         return out
+    with entry_lock(store_dir(), key):
+        out = _hit(out_dir)  # computed by the process that held the lock while this one waited
+        return out if out is not None else _run_into(name, fn, kwargs, out_dir)
+
+
+def _run_into(name: str, fn: str, kwargs: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    manifest = out_dir / MANIFEST
     module, _, attr = fn.rpartition(".")
     step = getattr(importlib.import_module(module), attr)
     if "out_dir" in inspect.signature(step).parameters:  # evaluate_step writes nothing
