@@ -81,13 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     from slimloop.config import load_params
     from slimloop.io import write_json_atomic
     from slimloop.store.entries import store_dir
+    from slimloop.store.lineage import local
 
     params = load_params(args.params)
     final = json.loads((ROOT / "metrics/final.json").read_text())
     k = int(final["final_iteration"])
     if k == 0:
         raise SystemExit("metrics/final.json: the final model is the baseline; nothing to retrain")
-    its = [json.loads((ROOT / f"metrics/iterations/iter_{i}.json").read_text()) for i in range(1, k + 1)]
+    its = [local(json.loads((ROOT / f"metrics/iterations/iter_{i}.json").read_text())) for i in range(1, k + 1)]
     masks = [pad_masks(Path(it["checkpoint"]), store_dir()) for it in its]
     ckpt = Path(its[-1]["checkpoint"])
     rows = []

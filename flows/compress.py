@@ -28,6 +28,8 @@ from slimloop.store.keys import step_key
 
 BASELINE = Path("models/baseline")
 OUT = Path("models/compressed")
+# The loop's step-store entries as a DVC out (persist: true), so `dvc pull` brings them along
+LINEAGE = Path("models/lineage")
 METRICS = Path("metrics")
 
 
@@ -126,6 +128,7 @@ def write_outputs(result, out_dir: Path, metrics_dir: Path, imgsz: int, baseline
     from slimloop.deploy.yolov5_onnx import FILE_NAME, export_yolov5_onnx
     from slimloop.model import save_spec
     from slimloop.report.plots import draw_gamma_histograms
+    from slimloop.store.lineage import portable
 
     with atomic_dir(out_dir) as tmp:
         shutil.copyfile(result.final_checkpoint, tmp / "final.safetensors")
@@ -139,26 +142,33 @@ def write_outputs(result, out_dir: Path, metrics_dir: Path, imgsz: int, baseline
             rows = it.get("gamma_histogram") or []
             if rows:
                 draw_gamma_histograms(rows, tmp / f"gamma_iter_{it['iteration']}.png")
+    # step checkpoints named as @store/<key>/..., whatever this machine's $SLIMLOOP_CACHE
     with atomic_dir(metrics_dir / "iterations") as tmp:
         for it in result.iterations:
-            write_json_atomic(tmp / f"iter_{it['iteration']}.json", it)
+            write_json_atomic(tmp / f"iter_{it['iteration']}.json", portable(it))
     write_text_atomic(metrics_dir / "iterations.csv", _iterations_csv(result))
-    write_json_atomic(metrics_dir / "final.json", with_env(result.summary()))
+    write_json_atomic(metrics_dir / "final.json", with_env(portable(result.summary())))
 
 
 @flow(name="compress", log_prints=True)
 def compress_flow(params: Params, baseline_dir: Path = BASELINE, out_dir: Path = OUT,
-                  metrics_dir: Path = METRICS, progress: bool = False, steps: str = "prefect") -> dict:
+                  metrics_dir: Path = METRICS, progress: bool = False, steps: str = "prefect",
+                  lineage: Path = LINEAGE) -> dict:
     """Run the loop from the baseline checkpoint.
 
     ``steps``: ``prefect`` (each step a cached Prefect task), ``store`` (the same step store without
-    Prefect) or ``direct`` (no cache at all).
+    Prefect) or ``direct`` (no cache at all). Before the loop, the entries of ``lineage`` (the
+    previous run's, pulled by DVC) that the store lacks are copied into it; after it, ``lineage``
+    is replaced by the entries this run's metrics name (:mod:`slimloop.store.lineage`).
     """
     from slimloop.compress.loop import run_loop
+    from slimloop.store.lineage import export_lineage, import_lineage, keys_in
 
     runners = {"prefect": prefect_run_step, "store": local_run_step, "direct": None}
     record = read_stage_json(metrics_dir / "baseline.json", "baseline", Baseline)
     open_store()
+    if steps != "direct" and (imported := import_lineage(lineage, store_dir())):
+        print(f"step store: {len(imported)} entries of {lineage} copied into {store_dir()}")
     result = run_loop(baseline_dir / "best.safetensors", record, params, Path(params.data.out_dir),
                       store_dir() / "work", run_step=runners[steps],
                       rewind_ckpt=baseline_dir / "rewind.safetensors", progress=progress)
@@ -166,6 +176,7 @@ def compress_flow(params: Params, baseline_dir: Path = BASELINE, out_dir: Path =
     write_outputs(result, out_dir, metrics_dir, imgsz, baseline_dir / "best.safetensors",
                   int(record.get("imgsz") or params.train.imgsz), params.eval.imgsz_sweep)
     _publish_iterations(metrics_dir / "iterations.csv")
+    export_lineage(store_dir(), keys_in(result.iterations) | keys_in(result.summary()), lineage)
     write_imgsz_sweep(params, baseline_dir / "best.safetensors", out_dir / "final.safetensors", metrics_dir,
                       use_prefect=steps == "prefect")
     return result.summary()

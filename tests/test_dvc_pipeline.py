@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -76,7 +77,7 @@ class Project:
         return json.loads((self.root / "metrics" / name).read_text())
 
     def entries(self) -> set[str]:
-        return {p.name for p in self.store.iterdir() if p.is_dir() and p.name not in ("results", "work")}
+        return {p.name for p in self.store.iterdir() if p.is_dir() and p.name not in ("results", "work", "locks")}
 
 
 def ran(out: subprocess.CompletedProcess) -> set[str]:
@@ -175,6 +176,16 @@ def test_push_then_pull_in_another_clone_is_clean_and_repro_does_nothing(project
     assert other.dvc("metrics", "diff", "--json").stdout.strip() in ("", "{}")
     final = project.root / "models" / "compressed" / "final.safetensors"
     assert (other.root / "models" / "compressed" / "final.safetensors").read_bytes() == final.read_bytes()
+    # The pulled lineage seeds the colleague's empty step store: rerunning the loop trains nothing
+    # (a trained step leaves its resume state in its entry; imported entries have none).
+    other.dvc("repro", "--force", "--single-item", "compress")
+    pulled = {p.name for p in (other.root / "models" / "lineage").iterdir() if p.is_dir()}
+    assert pulled and pulled <= other.entries() <= project.entries()
+    assert not list(other.store.rglob("*.state.safetensors"))
+    assert (other.root / "models" / "compressed" / "final.safetensors").read_bytes() == final.read_bytes()
+    diff = json.loads(other.dvc("metrics", "diff", "--json").stdout or "{}")
+    changed = {f"{name}:{key}" for name, keys in diff.items() for key in keys}
+    assert all(key.split(":")[1].startswith("env.") for key in changed), changed  # the run's commit, no result
 
 
 def test_rerun_on_cpu_reproduces_the_metrics(project):
@@ -182,6 +193,7 @@ def test_rerun_on_cpu_reproduces_the_metrics(project):
     committed = project.metrics("final.json")["record"]
     iteration = project.metrics("iterations/iter_1.json")["steps"]
     project.env["SLIMLOOP_CACHE"] = str(project.store.parent / "fresh-store")
+    shutil.rmtree(project.root / "models" / "lineage")  # else the loop is served from its entries
     try:
         project.dvc("repro", "--force", "--single-item", "compress")
     finally:

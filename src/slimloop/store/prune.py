@@ -10,11 +10,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from slimloop.errors import SlimloopError
 from slimloop.io import load_json_text
 from slimloop.store.entries import ENV_STORE, KEY, MANIFEST, STORE_MARKER
+from slimloop.store.lineage import keys_in
 
 RESULTS, WORK = "results", "work"
 DAY = 86400.0
@@ -88,17 +88,6 @@ def scan(root: Path) -> list[Entry]:
     return entries
 
 
-def _strings(obj: Any) -> Iterator[str]:
-    if isinstance(obj, str):
-        yield obj
-    elif isinstance(obj, dict):
-        for value in obj.values():
-            yield from _strings(value)
-    elif isinstance(obj, list):
-        for value in obj:
-            yield from _strings(value)
-
-
 def referenced_keys(metrics_dirs: list[Path]) -> set[str]:
     """Cache keys named in a path in ``iterations/iter_*.json`` or ``final.json`` of each folder.
 
@@ -120,8 +109,7 @@ def referenced_keys(metrics_dirs: list[Path]) -> set[str]:
                 obj = load_json_text(path.read_text(encoding="utf-8"))
             except (OSError, ValueError) as exc:  # JSONTextError and UnicodeDecodeError are ValueErrors
                 raise StoreError(f"cannot read references from {path}: {exc}") from None
-            for text in _strings(obj):
-                keys.update(part for part in Path(text).parts if KEY.fullmatch(part))
+            keys |= keys_in(obj)
     return keys
 
 
