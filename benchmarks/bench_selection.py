@@ -2,7 +2,7 @@
 widths iteration 1 of the loop chose), its channels picked by each criterion, each then finetuned
 with the same recipe; mAP right after the cut and after the finetune.
 
-    python benchmarks/bench_selection.py --name demo [--params params.yaml] [--epochs 2]
+    python benchmarks/bench_selection.py --name demo [--params params.yaml] [--epochs 2] [--sparse-lam 0.3]
 
 Runs in the project folder after `dvc repro compress` (models/baseline, data/prepared): the
 sparse step is the loop's own, served from the step store. Writes
@@ -81,6 +81,7 @@ def run(params, name: str, epochs: int | None, seeds: list[int]) -> dict:
     return {"structure": {"step_ratio": p.compress.step_ratio, "pad_multiple": p.pad.multiple,
                           "kept_channels": sum(counts.values())},
             "sparse": {k: sparse.record.get(k) for k in ("map", "gamma_below_threshold", "lam_scale")},
+            "sparse_params": p.sparse.model_dump(), "baseline_sparse": p.baseline.model_dump(),
             "retrain": retrain.model_dump(), "rows": rows}
 
 
@@ -90,13 +91,17 @@ def main() -> None:
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     parser.add_argument("--epochs", type=int, default=None, help="finetune epochs (default retrain.epochs)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of the random criterion")
+    parser.add_argument("--sparse-lam", type=float, default=None, help="sparse.lam of the sparse step (default: params)")
     args = parser.parse_args()
     sys.path[:0] = [str(ROOT), str(ROOT / "src")]
     from slimloop.config import load_params
     from slimloop.io import write_json_atomic
     from slimloop.provenance import environment
 
-    result = run(load_params(args.params), args.name, args.epochs, args.seeds)
+    params = load_params(args.params)
+    if args.sparse_lam is not None:
+        params = params.model_copy(update={"sparse": params.sparse.model_copy(update={"lam": args.sparse_lam})})
+    result = run(params, args.name, args.epochs, args.seeds)
     result["env"] = environment(ROOT)
     write_json_atomic(RESULTS / f"selection_{args.name}.json", result)
     print(f"{'criterion':<12} {'after cut':>10} {'finetuned':>10}")
