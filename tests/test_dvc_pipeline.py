@@ -205,3 +205,38 @@ def test_rerun_on_cpu_reproduces_the_metrics(project):
         if rec is not None:
             assert {k: steps[step][k] for k in STABLE} == {k: rec[k] for k in STABLE}, step
 
+
+def test_two_queued_experiments_run_side_by_side_and_share_the_store(project):
+    """`dvc exp run --queue` twice, `dvc queue start -j 2`: both experiments finish, each with its
+    own numbers; the sparse step both need is computed once (it was already in the store); the
+    store holds no torn entry and no lock left behind."""
+    project.run("git", "add", "-A")
+    project.run("git", "commit", "-qm", "before the queue", check=False)
+    before = project.entries()
+    for ratio in (0.2, 0.4):
+        project.dvc("exp", "run", "--queue", "-S", f"compress.step_ratio={ratio}")
+    project.dvc("queue", "start", "-j", "2")
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        status = project.dvc("queue", "status").stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(2)
+    project.dvc("queue", "stop", "--kill", check=False)
+    assert status.count("Success") == 2, status
+    shown = json.loads(project.dvc("exp", "show", "--json").stdout)
+    finals = []
+    for commit in shown:
+        for exp in commit.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                data = rev.get("data") or {}
+                ratio = data.get("params", {}).get("params.yaml", {}).get("data", {}).get("compress", {}).get("step_ratio")
+                final = data.get("metrics", {}).get("metrics/final.json", {}).get("data", {})
+                if ratio in (0.2, 0.4) and final:
+                    finals.append((ratio, final["record"]["gflops"]))
+    assert sorted(r for r, _ in finals) == [0.2, 0.4] and finals[0][1] != finals[1][1], finals
+    new = project.entries() - before
+    names = [json.loads((project.store / k / "step.json").read_text())["name"] for k in new]  # none torn
+    assert "sparse_train" not in names and names.count("prune") >= 2, names
+    locks = project.store / "locks"
+    assert not (locks.exists() and list(locks.glob("*"))), "a lock was left behind"

@@ -97,6 +97,27 @@ def test_quantized_models_export_run_and_evaluate(detector, fp32_onnx, tiny_data
     assert y.shape[0] == 1 and np.isfinite(y).all()
 
 
+def test_percentile_falls_back_to_minmax_on_a_near_constant_tensor(detector, fp32_onnx, tiny_data, tmp_path, caplog):
+    """The untrained detector's decode sigmoid sits at 0.5 within a few float32 steps: ONNX Runtime's
+    histogram cannot cut that range into 2048 bins. The model is calibrated with minmax, the warning and
+    the record say so, and a method that can bin every tensor is kept as asked."""
+    from slimloop.deploy.quantize import calibration_batches, quantize_ort
+
+    batches = calibration_batches(tiny_data, 128, 2)
+    with caplog.at_level("WARNING", logger="slimloop.deploy.quantize"):
+        path, method = quantize_ort(fp32_onnx, tmp_path / "p.onnx", batches, QuantParams(calibrate_method="percentile"))
+    assert method == "minmax" and path.exists() and "calibrating with minmax instead" in caplog.text
+    assert quantize_ort(fp32_onnx, tmp_path / "m.onnx", batches, QuantParams(calibrate_method="minmax"))[1] == "minmax"
+    from slimloop.report.inputs import ReportInputs
+    from slimloop.report.speed import int8_text
+
+    entry = {"fp32": {"map": 0.6}, "int8": {"map": 0.6, "calibrate_method": "minmax"}}
+    q = {"enabled": True, "format": "QDQ", "per_channel": True, "calibrate_method": "percentile",
+         "calibration_images": 2, "tolerance": 0.01, "models": {"final": entry}, "final_drop": 0.0,
+         "within_tolerance": True, "openvino": None, "worst_layers": []}
+    assert "could not bin a near-constant tensor of final" in int8_text(ReportInputs({}, [], {}, None, "", [], None, q))
+
+
 def test_report_names_the_worst_layers_when_int8_costs_too_much():
     from slimloop.report.inputs import ReportInputs
     from slimloop.report.speed import int8_text

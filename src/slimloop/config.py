@@ -329,7 +329,7 @@ class QuantParams(StrictModel):
     calibration_images: int = Field(64, ge=1, description="training images that calibrate the ranges")
     per_channel: bool = Field(True, description="per-output-channel weight scales")
     tolerance: float = Field(0.01, ge=0, description="largest mAP@0.5:0.95 INT8 may cost the final model")
-    calibrate_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    calibrate_method: Literal["minmax", "entropy", "percentile"] = "percentile"
     activation_type: Literal["uint8", "int8"] = Field(
         "uint8", description="activations: uint8 is ONNX Runtime's fast x86 path (u8s8); int8 for targets that want it")
     worst_layers: int = Field(5, ge=1, description="layers named when INT8 costs more than the tolerance")

@@ -20,6 +20,7 @@ from slimloop.deploy.sigstack import preserve_signal_stack
 from slimloop.errors import SlimloopError
 from slimloop.io import atomic_path
 
+log = logging.getLogger(__name__)
 DETECT_PREFIX = "/detect/"  # torch.onnx names the head's convolutions /detect/m.<i>/Conv
 
 
@@ -80,9 +81,17 @@ def fp32_nodes(proto: onnx.ModelProto) -> list[str]:
     return heads + decode_nodes(proto)
 
 
-def quantize_ort(fp32: Path, out: Path, batches: list[np.ndarray], quant: QuantParams) -> Path:
+def quantize_ort(fp32: Path, out: Path, batches: list[np.ndarray], quant: QuantParams) -> tuple[Path, str]:
     """ONNX Runtime static quantization: QDQ, int8 weights (per channel if ``quant.per_channel``),
-    ``quant.activation_type`` activations calibrated on ``batches``; the head and decode stay fp32 (:func:`fp32_nodes`)."""
+    ``quant.activation_type`` activations calibrated on ``batches``; the head and decode stay fp32 (:func:`fp32_nodes`).
+
+    ONNX Runtime's histogram calibrators (percentile, entropy) fail on a tensor whose values span less
+    than 2048 float32 steps (numpy cannot cut it into 2048 bins); an untrained or heavily pruned model
+    has such near-constant tensors. Then the model is calibrated with minmax instead, with a warning.
+
+    Returns:
+        the INT8 file and the calibration method that made it.
+    """
     from onnxruntime.quantization import (
         CalibrationMethod,
         QuantFormat,
@@ -93,17 +102,29 @@ def quantize_ort(fp32: Path, out: Path, batches: list[np.ndarray], quant: QuantP
 
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
+    method = quant.calibrate_method
     with tempfile.TemporaryDirectory() as tmp, atomic_path(out, suffix=".onnx") as dest:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=False)
         exclude = fp32_nodes(onnx.load(str(prepared)))
-        quantize_static(str(prepared), str(dest), BatchReader(batches), quant_format=QuantFormat.QDQ,
-                        per_channel=quant.per_channel,
-                        activation_type=QuantType.QUInt8 if quant.activation_type == "uint8" else QuantType.QInt8,
-                        weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
-                        calibrate_method=methods[quant.calibrate_method],
-                        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
-    return Path(out)
+
+        def run(how: str) -> None:
+            quantize_static(str(prepared), str(dest), BatchReader(batches), quant_format=QuantFormat.QDQ,
+                            per_channel=quant.per_channel,
+                            activation_type=QuantType.QUInt8 if quant.activation_type == "uint8" else QuantType.QInt8,
+                            weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
+                            calibrate_method=methods[how],
+                            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+
+        try:
+            run(method)
+        except ValueError as exc:
+            if method == "minmax" or "bins" not in str(exc):
+                raise
+            log.warning("%s: %s calibration failed (%s); calibrating with minmax instead", fp32, method, exc)
+            method = "minmax"
+            run(method)
+    return Path(out), method
 
 
 def quantize_openvino(fp32: Path, out_xml: Path, batches: list[np.ndarray], quant: QuantParams) -> Path:
@@ -221,12 +242,13 @@ def quantize_models(models: dict[str, tuple[Path, dict[str, Any]]], data_root: P
     for name, (fp32, record) in models.items():
         imgsz = int(record["imgsz"])
         batches = calibration_batches(data_root, imgsz, quant.calibration_images)
-        int8 = quantize_ort(fp32, out_dir / f"{name}_int8.onnx", batches, quant)
+        int8, method = quantize_ort(fp32, out_dir / f"{name}_int8.onnx", batches, quant)
         index["models"][f"{name}_int8"] = {"file": int8.name, "imgsz": imgsz}
         entry = {"fp32": _map_through("onnxruntime", fp32, data_root, imgsz, eval_params),
                  "torch": {k: record.get(k) for k in ("map50", "map")},
                  "int8": {**_map_through("onnxruntime", int8, data_root, imgsz, eval_params), "imgsz": imgsz,
                           "size_mb": round(int8.stat().st_size / 1e6, 6), "gflops": record.get("gflops"),
+                          "calibrate_method": method,
                           "params": record.get("params")}}
         if openvino:
             xml = quantize_openvino(fp32, out_dir / f"{name}_int8_openvino.xml", batches, quant)

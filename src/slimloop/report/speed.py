@@ -116,6 +116,10 @@ def int8_text(inputs: ReportInputs) -> str:
             f"{q['per_channel']}, {q.get('activation_type', 'int8')} activations, {q['calibrate_method']} calibration on {q['calibration_images']} training images); "
             f"mAP of both precisions evaluated through ONNX Runtime with slimloop's own pre- and postprocessing.\n\n"
             + markdown_table(_frame(header, cells)))
+    fell_back = [n for n, e in q["models"].items() if e["int8"].get("calibrate_method", q["calibrate_method"]) != q["calibrate_method"]]
+    if fell_back:
+        text += (f"\n{q['calibrate_method']} calibration could not bin a near-constant tensor of "
+                 f"{', '.join(fell_back)}; {'that model was' if len(fell_back) == 1 else 'those models were'} calibrated with minmax.\n")
     if q.get("openvino"):
         text += f"\nOpenVINO: {q['openvino']['note']}\n"
     drop = q.get("final_drop")
