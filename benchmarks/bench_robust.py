@@ -96,11 +96,11 @@ def main() -> None:
     if "unseen" in args.runs and not (unseen / "yolo" / "data.yaml").exists():
         make_unseen(unseen)
     rows = []
-    for name in args.runs:
+    keys = ("gflops_ratio", "params_ratio", "vs_baseline_points", "vs_control_points")
+    for name in args.runs:  # the results file is rewritten after every run: a cut-off bench keeps its runs
         rows.append(run_one(name, args.work, unseen))
         print(json.dumps(rows[-1]), flush=True)
-    keys = ("gflops_ratio", "params_ratio", "vs_baseline_points", "vs_control_points")
-    write_json_atomic(args.out, {"runs": rows, "summary": {k: spread(rows, k) for k in keys}})
+        write_json_atomic(args.out, {"runs": rows, "summary": {k: spread(rows, k) for k in keys}})
     for k in keys:
         print(k, spread(rows, k))
 
