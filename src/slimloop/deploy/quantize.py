@@ -3,6 +3,8 @@ runtime, and the per-layer output error against fp32 that says where INT8 loses.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import math
 import os
@@ -109,12 +111,16 @@ def quantize_ort(fp32: Path, out: Path, batches: list[np.ndarray], quant: QuantP
         exclude = fp32_nodes(onnx.load(str(prepared)))
 
         def run(how: str) -> None:
-            quantize_static(str(prepared), str(dest), BatchReader(batches), quant_format=QuantFormat.QDQ,
-                            per_channel=quant.per_channel,
-                            activation_type=QuantType.QUInt8 if quant.activation_type == "uint8" else QuantType.QInt8,
-                            weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
-                            calibrate_method=methods[how],
-                            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+            chatter = io.StringIO()  # ONNX Runtime's calibrators print their progress to stdout
+            with contextlib.redirect_stdout(chatter):
+                quantize_static(str(prepared), str(dest), BatchReader(batches), quant_format=QuantFormat.QDQ,
+                                per_channel=quant.per_channel,
+                                activation_type=QuantType.QUInt8 if quant.activation_type == "uint8"
+                                else QuantType.QInt8,
+                                weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
+                                calibrate_method=methods[how],
+                                extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+            log.debug("%s", chatter.getvalue())
 
         try:
             run(method)
