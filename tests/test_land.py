@@ -35,3 +35,24 @@ def test_smallest_cut_just_meets_the_target(tiny_spec):
     both = SizeTarget(0.9 * base_gflops, int(0.5 * base_params), 8)
     n = smallest_cut(tiny_spec, topo, scores, total - 1, 2, both)
     assert both.met(cost(n)) and cost(n)[1] <= 0.5 * base_params
+
+
+def test_reach_cuts_more_than_the_step_only_to_meet_the_target(tiny_spec):
+    """A step that falls short of the target: without reach it stays the step; with reach it is
+    raised to the fewest channels that meet the target, and left alone when even reach cannot."""
+    from slimloop.compress.prune import _land
+    from slimloop.model.build import build_model
+
+    model = build_model(tiny_spec)
+    topo = topology(tiny_spec)
+    gen = torch.Generator().manual_seed(1)
+    scores = {g: torch.rand(grp.width, generator=gen) for g, grp in topo.groups.items()}
+    total = sum(s.numel() for s in scores.values())
+    target = SizeTarget(0.7 * spec_cost(tiny_spec)[0], None, 8)
+    fewest = smallest_cut(tiny_spec, topo, scores, total - 1, 2, target)
+    short = (fewest - 1) / total  # a step just short of the target
+    assert _land(model, topo, scores, short, 2, target) == (short, False)
+    ratio, landed = _land(model, topo, scores, short, 2, target, reach=0.9)
+    assert landed and ratio == fewest / total
+    assert _land(model, topo, scores, 3 / total, 2, target, reach=5 / total) == (3 / total, False)  # out of reach
+    assert _land(model, topo, scores, 0.9, 2, target, reach=0.95)[0] == fewest / total  # overshoot: lands lower

@@ -163,6 +163,25 @@ def test_loop_stops_at_target_with_rewind_and_joint_distillation(baseline, tiny_
     assert it["landed"] and 0 < it["ratio"] < 0.3 and it["steps"]["pruned"]["landed"]
 
 
+def test_the_last_iteration_reaches_a_target_a_step_would_miss(baseline, tiny_data, tmp_path):
+    """One iteration of a 0.1 step cannot reach 0.7x the GFLOPs: with compress.reach it cuts just
+    enough more to meet it (target_reached); with reach off it stops short (max_iterations)."""
+    base_gflops = gflops(build_model(load_checkpoint(baseline).spec), 128)
+    reference = {**rec(0.0, base_gflops), "imgsz": 128}
+    target = TargetParams(gflops_ratio=0.7, params_ratio=None)
+    results = {}
+    for reach in (0.75, None):
+        compress = CompressParams(iterations=1, step_ratio=0.1, min_step_ratio=0.05, reach=reach, **NO_FINAL)
+        results[reach] = run_loop(baseline, reference, _params(compress=compress, target=target), tiny_data,
+                                  tmp_path / str(reach))
+    reached, short = results[0.75], results[None]
+    assert reached.decision.reason == "target_reached" and short.decision.reason == "max_iterations"
+    (it,) = reached.iterations
+    assert it["attempts"][0]["reached"] and it["landed"] and 0.1 < it["ratio"] <= 0.75
+    assert 0.6 * base_gflops < reached.final_record["gflops"] <= 0.7 * base_gflops + 1e-6
+    assert short.final_record["gflops"] > 0.7 * base_gflops and not short.iterations[0]["attempts"][0]["reached"]
+
+
 def test_final_retrain_trains_the_final_structure_again_and_counts_its_epochs(baseline, tiny_data, tmp_path):
     calls = []
 

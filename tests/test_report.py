@@ -380,3 +380,16 @@ def test_headline_says_when_the_loop_could_not_compress():
     assert "The final model is the baseline, unchanged." in line
     missed = headline({**FINAL, "tolerance_met": False, "map_drop": 0.05})
     assert "more than the tolerance of 0.01 below it" in missed
+
+
+def test_iteration_lines_say_how_each_cut_was_sized():
+    from slimloop.report.summary import iteration_text
+
+    def it(k, **attempt):
+        return {"iteration": k, "steps": {"pruned": {}},
+                "attempts": [{"ratio": 0.5, "retention": 0.9, "accepted": True, **attempt}]}
+
+    lines = iteration_text([it(1), it(2, landed=True), it(3, landed=True, reached=True, ratio=0.62)]).splitlines()
+    assert "landed" not in lines[0] and "reach" not in lines[0]
+    assert "(landed on the target)" in lines[1]
+    assert "0.62 (more than a step, to reach the target: `compress.reach`) -> 90% accepted" in lines[2]

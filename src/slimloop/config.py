@@ -374,6 +374,10 @@ class CompressParams(StrictModel):
                                      "its parent's mAP@0.5:0.95; else it is retried with half the step")
     land: bool = Field(True, description="cut only as much as just meets the size targets when a full step "
                                          "would overshoot them")
+    reach: float | None = Field(
+        0.75, gt=0, lt=1, description="on the last allowed iteration, when a full step would leave a size target "
+                                      "unmet, cut up to this fraction to meet it (with land); a rejected reach "
+                                      "falls back to step_ratio; null (or at most step_ratio) = never more than step_ratio")
     tolerance: float = Field(
         0.01, ge=0, description="largest mAP@0.5:0.95 drop of the final model vs the baseline (absolute); "
                                 "the report says whether it was met")

@@ -129,8 +129,9 @@ def _sparse(ctx: _Context, k: int, current: Path) -> StepResult:
 
 
 def _attempt(ctx: _Context, out: Path, current: Path, sparse: StepResult, ratio: float,
-             masks: list[Path]) -> tuple[dict[str, Any], Path, Path]:
-    """Cut ``ratio`` of ``sparse``'s channels, pad, finetune (and distill) into ``out``.
+             masks: list[Path], reach: float | None = None) -> tuple[dict[str, Any], Path, Path]:
+    """Cut ``ratio`` of ``sparse``'s channels (more, up to ``reach``, when that is what meets the size
+    targets), pad, finetune (and distill) into ``out``.
 
     Returns the steps' records and widths, the final checkpoint, and this cut's mask file.
     """
@@ -138,7 +139,7 @@ def _attempt(ctx: _Context, out: Path, current: Path, sparse: StepResult, ratio:
     common = dict(data_root=ctx.data_root, eval_params=p.eval, imgsz=ctx.imgsz)
     pruned = run("prune", prune_step, dict(
         ckpt=sparse.checkpoint, prune=p.prune, ratio=ratio, land=ctx.land, seed=p.train.seed,
-        out_dir=out / "prune", **common))
+        out_dir=out / "prune", **({"reach": reach} if reach is not None else {}), **common))
     padded = run("pad", pad_step, dict(
         ckpt=sparse.checkpoint, masks=Path(pruned.extra["masks"]), pad=p.pad, recalibrate=p.prune.recalibrate,
         out_dir=out / "pad", **_auto_pad_kwargs(p), **common))
@@ -178,18 +179,24 @@ def _iteration(ctx: _Context, k: int, current: Path, parent: dict[str, Any],
     p = ctx.params
     sparse = _sparse(ctx, k, current)
     ratio: float | None = p.compress.step_ratio
+    # The last allowed iteration may cut more than a step (up to compress.reach) when that is what
+    # meets the size targets; rejected, it falls back to the step and its halvings.
+    reach = p.compress.reach if k == p.compress.iterations and ctx.land is not None else None
     attempts: list[dict[str, Any]] = []
     while ratio is not None:
         out = ctx.work_dir / f"iter_{k}" / (f"try_{len(attempts) + 1}" if attempts else "")
-        it, ckpt, mask = _attempt(ctx, out, current, sparse, ratio, masks)
+        it, ckpt, mask = _attempt(ctx, out, current, sparse, ratio, masks, reach)
         record = it["steps"][it["final_step"]]
         ok = accepted(record, parent, p.compress)
-        attempts.append({"ratio": it["ratio"], "landed": it["landed"], "map": record["map"],
+        reached = reach is not None and it["ratio"] > ratio + 1e-9
+        attempts.append({"ratio": it["ratio"], "landed": it["landed"], "reached": reached, "map": record["map"],
                          "gflops": record["gflops"], "retention": round(retention(record, parent), 6),
                          "epochs": it["epochs"], "accepted": ok})
         if ok:
             break
-        ratio = smaller_step(ratio, p.compress)
+        reach = None
+        if not reached:
+            ratio = smaller_step(ratio, p.compress)
     it.update(iteration=k, attempts=attempts, accepted=attempts[-1]["accepted"],
               epochs=p.sparse.epochs + it["epochs"],
               epochs_spent=p.sparse.epochs + sum(a["epochs"] for a in attempts),
@@ -284,8 +291,8 @@ def run_loop(baseline_ckpt: Path, baseline_record: dict[str, Any], params: Param
     iteration's model once more (its record is the iteration's ``final_retrain`` step and the final record).
 
     Each iteration sparse-trains the current model once, then cuts ``compress.step_ratio`` of its
-    channels (or, with ``compress.land``, just enough to meet the size targets when that is less),
-    pads and finetunes; a cut whose finetuned model keeps less than ``compress.min_retention`` of
+    channels (or, with ``compress.land``, just enough to meet the size targets when that is less;
+    on the last allowed iteration, when that is more, up to ``compress.reach``), pads and finetunes; a cut whose finetuned model keeps less than ``compress.min_retention`` of
     its parent's mAP is retried with half the step, down to ``compress.min_step_ratio``. The loop
     stops when the targets are met (``target_reached``), after ``compress.iterations`` accepted
     iterations, or when no step is accepted (``step_floor``; ``cannot_compress`` at iteration 1,

@@ -88,20 +88,25 @@ def channel_scores(model: Detector, topo: Topology, criterion: str, seed: int = 
 
 
 def _land(model: Detector, topo: Topology, scores: dict[str, Tensor], ratio: float, min_channels: int,
-          target: SizeTarget | None) -> tuple[float, bool]:
-    """``ratio``, or the smaller ratio that just meets ``target`` when ``ratio`` would overshoot it."""
+          target: SizeTarget | None, reach: float | None = None) -> tuple[float, bool]:
+    """``ratio``, or the smaller ratio that just meets ``target`` when ``ratio`` would overshoot it;
+    with ``reach``, the larger ratio (at most ``reach``) that just meets it when ``ratio`` falls short."""
     if target is None:
         return ratio, False
     total = sum(s.numel() for s in scores.values())
     most = int(math.floor(ratio * total))
     fewest = smallest_cut(model.spec, topo, scores, most, min_channels, target)
+    if fewest is None and reach is not None and reach > ratio:
+        fewest = smallest_cut(model.spec, topo, scores, int(math.floor(reach * total)), min_channels, target)
+        return (ratio, False) if fewest is None else (fewest / total, True)
     if fewest is None or fewest == most:
         return ratio, False
     return fewest / total, True
 
 
 def prune_step(ckpt: Path, data_root, prune: PruneParams, eval_params: EvalParams, out_dir: Path,
-               imgsz: int, ratio: float | None = None, land: SizeTarget | None = None, seed: int = 0) -> StepResult:
+               imgsz: int, ratio: float | None = None, land: SizeTarget | None = None, seed: int = 0,
+               reach: float | None = None) -> StepResult:
     """Rank channels by ``prune.criterion``, cut the lowest ``ratio`` of them globally (or every one
     with |gamma| below ``prune.threshold``), and re-estimate the BN statistics on
     ``prune.recalibrate`` training images.
@@ -110,6 +115,8 @@ def prune_step(ckpt: Path, data_root, prune: PruneParams, eval_params: EvalParam
         ratio: fraction of the model's channels to cut (ignored when ``prune.threshold`` is set).
         land: when cutting ``ratio`` would take the padded structure past these size targets, cut
             only as much as just meets them (bisection on the count; see :mod:`slimloop.compress.land`).
+        reach: with ``land``, when cutting ``ratio`` leaves the targets unmet, cut the fewest channels
+            (at most ``reach`` of them) that meet them; None (or no such cut): ``ratio``.
         seed: the seed of the ``random`` criterion.
 
     Writes ``out_dir/prune.safetensors`` and ``out_dir/masks.safetensors`` (keep masks and scores
@@ -126,7 +133,7 @@ def prune_step(ckpt: Path, data_root, prune: PruneParams, eval_params: EvalParam
     else:
         if ratio is None:
             raise ValueError("prune_step needs a ratio when prune.threshold is not set")
-        ratio, landed = _land(model, topo, scores, ratio, prune.min_channels, land)
+        ratio, landed = _land(model, topo, scores, ratio, prune.min_channels, land, reach)
         keep = select_channels(scores, ratio, min_channels=prune.min_channels)
     gammas = gamma_scores(model, topo)
     cut = torch.cat([gammas[g][~keep[g]] for g in sorted(keep)])

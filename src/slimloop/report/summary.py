@@ -61,6 +61,12 @@ def headline(final: dict[str, Any]) -> str:
             f"({format_value(_negate(final.get('map_drop')), 'delta')}){verdict}.**")
 
 
+def _landing(attempt: dict[str, Any]) -> str:
+    if attempt.get("reached"):
+        return " (more than a step, to reach the target: `compress.reach`)"
+    return " (landed on the target)" if attempt.get("landed") else ""
+
+
 def iteration_text(iterations: list[dict[str, Any]]) -> str:
     """One line per iteration: its cut (and retries), what the finetune kept, how sparse the cut was."""
     lines = []
@@ -68,7 +74,7 @@ def iteration_text(iterations: list[dict[str, Any]]) -> str:
         tries = it.get("attempts") or []
         pruned = it["steps"].get("pruned") or {}
         below = pruned.get("cut_gamma_below_1e-2")
-        how = ", ".join(f"{a['ratio']:.3g}{' (landed on the target)' if a.get('landed') else ''} -> "
+        how = ", ".join(f"{a['ratio']:.3g}{_landing(a)} -> "
                         f"{100 * a['retention']:.0f}% {'accepted' if a['accepted'] else 'rejected'}" for a in tries)
         sparse = ("" if below is None else
                   f"; {100 * below:.0f}% of the cut channels had |gamma| below 1e-2 after sparse training")
